@@ -11,6 +11,7 @@ import zlib
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -363,3 +364,19 @@ def test_read_records(tmp_path):
     assert [r["i"] for r in records] == [0, 1, 2, 3]
     assert images[0].shape == (4, 4, 3) and images[0].dtype.name == "uint8"
     assert len(written) == 6
+
+
+def test_starting_a_stream_leaves_the_global_rng_alone(tmp_path) -> None:
+    """Resuming re-creates the DataLoader; that must not shift the run's torch RNG (dropout, Gumbel noise)."""
+    from vlpretrain.data.folder import ShardWriter
+    from vlpretrain.data.synthetic import encode_png
+
+    with ShardWriter(tmp_path, prefix="s", max_count=4) as writer:
+        for i in range(8):
+            writer.write(f"k{i}", {"png": encode_png(np.full((4, 4, 3), i, np.uint8)), "txt": f"caption {i}"})
+    stream = DataStream(PairShardDataset(str(tmp_path / "*.tar"), batch_size=2, infinite=True), num_workers=2)
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    next(iter(stream))
+    assert torch.equal(torch.rand(3), expected)

@@ -808,8 +808,15 @@ class DataStream:
         self.dataset.load_state_dict(
             {"positions": dict(self.positions), "rotation": self.next_role, "epoch": self.epoch, "emit_tail": True}
         )
+        # A private generator: the DataLoader draws its workers' base seed from it instead of from the global RNG,
+        # so starting (or resuming) a stream never shifts the training RNG (dropout, Gumbel noise) of the run.
         loader = DataLoader(
-            self.dataset, batch_size=None, num_workers=self.num_workers, persistent_workers=False, **self._loader_args
+            self.dataset,
+            batch_size=None,
+            num_workers=self.num_workers,
+            persistent_workers=False,
+            generator=torch.Generator().manual_seed(0),
+            **self._loader_args,
         )
         batches = iter(loader)
         try:
