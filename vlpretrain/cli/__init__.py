@@ -68,3 +68,11 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     if isinstance(code, int) and code:
         sys.exit(code)
+
+
+@app.command("demo")
+def demo(out: str = typer.Option("runs/demo", help="Run folder; finished stages in it are reused.")) -> None:
+    """Run the end-to-end demo on the built-in shapes world (what `make demo` runs)."""
+    from vlpretrain.demo import run_demo
+
+    run_demo(out)

@@ -48,7 +48,7 @@ def inspect(
     """Counts, caption-length statistics and a sample grid of a shard set."""
     from vlpretrain.data.inspect import inspect_shards
 
-    stats = inspect_shards(_shard_spec(path), grid_png=grid, n_grid=samples)
+    stats = inspect_shards(path, grid_png=grid, n_grid=samples)
     console.print_json(json.dumps(stats))
 
 
@@ -101,7 +101,7 @@ def eval_judge(
     from vlpretrain.data.shards import read_records
 
     judge = load_judge(judge_dir)
-    images, records = read_records(_shard_spec(data / split), limit=limit)
+    images, records = read_records(str(data / split), limit=limit)
     metrics = evaluate_judge(judge, images, records)
     table = Table("attribute", "accuracy")
     for name, value in metrics.items():
@@ -109,12 +109,6 @@ def eval_judge(
     console.print(table)
     if out is not None:
         out.write_text(json.dumps(metrics, indent=2) + "\n")
-
-
-def _shard_spec(path: str | Path) -> str:
-    """A folder means every .tar in it; anything else is passed on as a shard spec."""
-    p = Path(path)
-    return str(p / "*.tar") if p.is_dir() else str(path)
 
 
 def _synth_config_of(data: Path):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from torch import nn
@@ -15,11 +14,6 @@ from vlpretrain.train.config import DataConfig
 from vlpretrain.train.distributed import DistEnv
 
 
-def shard_spec(path: str) -> str:
-    """A folder stands for every ``.tar`` in it; anything else is a shard spec (glob, brace range, pipe:)."""
-    return str(Path(path) / "*.tar") if Path(path).is_dir() else path
-
-
 def check_data(cfg: DataConfig) -> None:
     """Fail before training when a data path is missing or matches no shard, naming the field."""
     if not cfg.train:
@@ -29,7 +23,7 @@ def check_data(cfg: DataConfig) -> None:
         if not spec:
             continue
         try:
-            expand_urls(shard_spec(spec))
+            expand_urls(spec)
         except DataError as err:
             raise ConfigError(f"data.{field}: {err}") from err
 
@@ -39,7 +33,7 @@ def pair_dataset(cfg: DataConfig, split: str, rank: int, world_size: int, decode
     forever; the validation split reads in order (and also loops, so every rank yields the same number of batches)."""
     train = split == "train"
     return PairShardDataset(
-        shard_spec(cfg.train if train else cfg.val),
+        cfg.train if train else cfg.val,
         decode,
         batch_size=cfg.batch_size,
         collate=collate,
