@@ -12,4 +12,13 @@ try:
 except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.0.0+local"
 
-__all__ = ["__version__"]
+
+
+def list_models() -> list[str]:
+    """Every registered model as ``task/preset`` (e.g. ``text-lm/tiny``)."""
+    from vlpretrain.train.task import list_models as _list_models
+
+    return _list_models()
+
+
+__all__ = ["__version__", "list_models"]

@@ -76,3 +76,12 @@ def build_task(name: str, model_cfg: Any) -> nn.Module:
 def model_config_from_dict(name: str, data: dict[str, Any]) -> Any:
     """Rebuild a task's model config from the plain dict stored in a checkpoint's config.json."""
     return from_dict(task_class(name).config_cls, data, where="model.")
+
+
+def list_models() -> list[str]:
+    """Every buildable model as ``task/preset`` (imports each task's module to see its presets)."""
+    from vlpretrain.configs import list_presets
+
+    for name in list_tasks():
+        task_class(name)
+    return [p for name in list_tasks() for p in list_presets(name)]
