@@ -1,0 +1,71 @@
+"""LaVIT's feature decoder (official file ``tokenizer_decoder.bin``): visual codes -> all N patch features.
+
+Codes (C-d) -> ``in_proj`` Linear(C, D) + ``pos_embed`` BY RANK in the kept sequence (not grid position); N learned
+``query_embed``; blocks of (bidirectional self-attention among queries, cross-attention from queries to the code
+sequence with padding masked by adding -10000 as the official code does, MLP); ``norm``; ``decode_task_layer`` =
+Linear -> Tanh -> Linear -> the reconstruction [B, N, D_out] of the frozen encoder's features. ``unet_proj`` maps the
+reconstruction to the diffusion decoder's conditioning width (the detokenizer uses it).
+
+Deliberate difference: the official constructor starts ``pos_embed`` and ``query_embed`` at zero, which makes all
+queries identical at initialisation; training from scratch here initialises them with N(0, 0.02) (documented).
+
+Shape letters: B images, K codes per image (padded), N patches, C code dim, D width.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from vlpretrain.core.attention import CrossAttention, Mlp, SelfAttention, init_linear_and_norm
+
+
+class DecoderBlock(nn.Module):
+    """Self-attention among queries, cross-attention to the codes, MLP (pre-norm)."""
+
+    def __init__(self, dim: int, heads: int, mlp_hidden: int) -> None:
+        super().__init__()
+        self.norm0 = nn.LayerNorm(dim, eps=1e-5)
+        self.self_attn = SelfAttention(dim, heads)
+        self.norm1 = nn.LayerNorm(dim, eps=1e-5)
+        self.cross_attn = CrossAttention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-5)
+        self.mlp = Mlp(dim, mlp_hidden)
+
+    def forward(self, q_BND: Tensor, codes_BKD: Tensor, bias_B11K: Tensor) -> Tensor:
+        q_BND = q_BND + self.self_attn(self.norm0(q_BND))
+        q_BND = q_BND + self.cross_attn(self.norm1(q_BND), codes_BKD, bias_B11K)
+        return q_BND + self.mlp(self.norm2(q_BND))
+
+
+class FeatureDecoder(nn.Module):
+    """Reconstructs N patch features from a variable-length code sequence."""
+
+    def __init__(self, code_dim: int, dim: int, depth: int, heads: int, mlp_hidden: int, num_patches: int,
+                 out_dim: int, unet_dim: int) -> None:  # fmt: skip
+        super().__init__()
+        self.in_proj = nn.Linear(code_dim, dim)
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, dim))
+        self.query_embed = nn.Parameter(torch.zeros(1, num_patches, dim))
+        self.blocks = nn.ModuleList(DecoderBlock(dim, heads, mlp_hidden) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim, eps=1e-5)
+        self.decode_task_layer = nn.Sequential(nn.Linear(dim, dim), nn.Tanh(), nn.Linear(dim, out_dim))
+        self.unet_proj = nn.Linear(out_dim, unet_dim)
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        self.apply(init_linear_and_norm)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.query_embed, std=0.02)
+
+    def forward(self, codes_BKC: Tensor, valid_BK: Tensor) -> Tensor:
+        """Codes [B, K, C] (padding rows ignored via ``valid`` [B, K]) -> reconstructed features [B, N, D_out]."""
+        k = codes_BKC.shape[1]
+        if k > self.pos_embed.shape[1]:
+            raise ValueError(f"{k} codes per image, but the decoder has {self.pos_embed.shape[1]} positions")
+        x = self.in_proj(codes_BKC) + self.pos_embed[:, :k]
+        bias = ((1.0 - valid_BK.to(x.dtype)) * -10000.0)[:, None, None, :]  # (B, 1, 1, K)
+        q = self.query_embed.expand(codes_BKC.shape[0], -1, -1)
+        for block in self.blocks:
+            q = block(q, x, bias)
+        return self.decode_task_layer(self.norm(q))

@@ -1,0 +1,68 @@
+"""LaVIT's token selector (official key prefix ``token_predictor.``): which patches become visual tokens.
+
+DynamicViT-style scorer: ``in_conv`` = LayerNorm(eps 1e-5) -> Linear(D, D) -> GELU; the first D/2 channels stay
+local, the last D/2 are averaged over the image and broadcast back; ``out_conv`` = Linear(D, D/2) -> GELU ->
+Linear(D/2, D/4) -> GELU -> Linear(D/4, 2) -> LogSoftmax. Channel 0 is "keep". Runs in fp32.
+
+Shape letters: B images, N patches, D width.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vlpretrain.core.attention import init_linear_and_norm
+
+KeepMode = Literal["gumbel", "sample", "deterministic"]
+
+
+class TokenSelector(nn.Module):
+    """Scores every patch: log-probabilities of (keep, drop), [B, N, 2]."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.in_conv = nn.Sequential(nn.LayerNorm(dim, eps=1e-5), nn.Linear(dim, dim), nn.GELU())
+        self.out_conv = nn.Sequential(
+            nn.Linear(dim, dim // 2),
+            nn.GELU(),
+            nn.Linear(dim // 2, dim // 4),
+            nn.GELU(),
+            nn.Linear(dim // 4, 2),
+            nn.LogSoftmax(dim=-1),
+        )
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        self.apply(init_linear_and_norm)
+
+    def forward(self, x_BND: Tensor) -> Tensor:
+        """Log-probabilities [B, N, 2] (fp32, autocast off) of the raw patch features [B, N, D]."""
+        with torch.autocast(x_BND.device.type, enabled=False):
+            x = self.in_conv(x_BND.float())
+            half = x.shape[-1] // 2
+            global_ = x[..., half:].mean(dim=1, keepdim=True).expand(-1, x.shape[1], -1)  # policy is all ones here
+            return self.out_conv(torch.cat([x[..., :half], global_], dim=-1))
+
+
+def keep_decision(logp_BN2: Tensor, mode: KeepMode, tau: float = 1.0) -> Tensor:
+    """The keep mask [B, N] as float 0/1.
+
+    ``gumbel``: hard Gumbel-softmax sample with a straight-through gradient (training). ``sample``: the same sample
+    without gradient (the official inference). ``deterministic``: keep where p(keep) > 0.5 (our evaluation default).
+    """
+    if mode == "deterministic":
+        return (logp_BN2[..., 0] > logp_BN2[..., 1]).to(logp_BN2.dtype)
+    hard = F.gumbel_softmax(logp_BN2, tau=tau, hard=True)[..., 0]
+    return hard if mode == "gumbel" else hard.detach()
+
+
+def ratio_loss(keep_BN: Tensor, rho: float, per_image: bool) -> Tensor:
+    """Squared gap between the kept fraction and the target ``rho``, per image [B] (or the batch mean broadcast)."""
+    kept = keep_BN.float().mean(dim=1)
+    if per_image:
+        return (rho - kept) ** 2
+    return ((rho - kept.mean()) ** 2).expand_as(kept)
