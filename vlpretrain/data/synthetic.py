@@ -274,7 +274,7 @@ def render_scene(scene: Scene, rng: random.Random, jitter: float) -> np.ndarray:
             draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=color)
         else:
             draw.polygon(_shape_points(obj.shape, cx, cy, r), fill=color)
-    return np.asarray(img)
+    return np.array(img)  # writable (torch.from_numpy warns on read-only arrays)
 
 
 def position_name(obj: ShapeObject, grid: int) -> str:

@@ -28,6 +28,7 @@ from vlpretrain.configs import ConfigError, from_dict, get_preset, merge
 # name -> "module:Class". The module registers the task's model presets under kind = task name.
 _TASKS: dict[str, str] = {
     "text-lm": "vlpretrain.tasks.text_lm:TextLMTask",
+    "lavit-tokenizer": "vlpretrain.lavit.tokenizer_task:LavitTokenizerTask",
 }
 
 

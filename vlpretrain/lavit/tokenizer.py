@@ -1,0 +1,201 @@
+"""LaVIT's dynamic visual tokenizer: frozen encoder -> selector -> merger -> quantizer -> feature decoder.
+
+An image becomes a content-dependent number of discrete tokens: the selector keeps the informative patches, the
+merger folds the dropped patches into the kept ones, ``encode_task_layer`` maps each merged token to a C-d vector
+and the cosine codebook turns it into a code id. The feature decoder reconstructs all N patch features of the frozen
+encoder from the codes: that reconstruction is the training signal.
+
+Parameter names follow the official checkpoint (``token_predictor.*``, ``causal_encoder.*``,
+``encode_task_layer.*``, ``quantize.embedding.weight``; the feature decoder under ``decoder.*``; the frozen encoder
+under ``encoder.*``) so that `vlpretrain convert lavit-tokenizer` maps keys one to one.
+
+Training loss per image: mean over patches of (1 - cos(reconstruction, X)) + ratio_weight * (rho - kept fraction)^2
++ commit_weight * commitment; quantisation is off (codes = normalised vectors) for the first
+``quant_warmup_steps`` training forward calls.
+
+Shape letters: B images, N patches, K kept tokens (padded), D width, C code dim.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vlpretrain.configs import ConfigError
+from vlpretrain.core.attention import init_linear_and_norm
+from vlpretrain.core.encoders import EncoderSpec, build_encoder
+from vlpretrain.core.quantize import CosineCodebook
+from vlpretrain.lavit.feature_decoder import FeatureDecoder
+from vlpretrain.lavit.merger import TokenMerger, kept_index
+from vlpretrain.lavit.selector import TokenSelector, keep_decision, ratio_loss
+
+
+@dataclass
+class TokenizerConfig:
+    """Sizes and training settings of the dynamic tokenizer (the width D is the frozen encoder's).
+
+    Args:
+        encoder: the frozen encoder (our EVA-style ViT preset/file, or a local HF CLIP/SigLIP folder).
+        merger_depth, decoder_depth, heads, mlp_ratio: the merger's and the feature decoder's transformer sizes.
+        codebook_size, code_dim: K codes of C dims.
+        unet_dim: width of ``unet_proj`` (the diffusion decoder's conditioning width).
+        rho: the target kept fraction.
+        ratio_per_image: penalise each image's kept fraction (True) or the batch's mean (False).
+        ratio_weight, commit_weight: loss weights.
+        quant_warmup_steps: training forward calls before quantisation switches on.
+        ema_decay, kmeans_iters, dead_code_threshold: codebook training (see vlpretrain.core.quantize).
+        eval_keep: keep decisions outside training: "deterministic" (p_keep > 0.5) or "sample" (official).
+    """
+
+    encoder: EncoderSpec = field(default_factory=lambda: EncoderSpec(kind="eva", preset="tiny"))
+    merger_depth: int = 2
+    decoder_depth: int = 2
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    codebook_size: int = 1024
+    code_dim: int = 32
+    unet_dim: int = 64
+    rho: float = 1 / 3
+    ratio_per_image: bool = False
+    ratio_weight: float = 2.0
+    commit_weight: float = 1.0
+    quant_warmup_steps: int = 100
+    ema_decay: float = 0.99
+    kmeans_iters: int = 10
+    dead_code_threshold: float = 0.05
+    eval_keep: Literal["deterministic", "sample"] = "deterministic"
+
+    def __post_init__(self) -> None:
+        if not 0 < self.rho <= 1:
+            raise ConfigError(f"rho: {self.rho} must be in (0, 1]")
+        if min(self.merger_depth, self.decoder_depth, self.heads, self.codebook_size, self.code_dim) < 1:
+            raise ConfigError("merger_depth, decoder_depth, heads, codebook_size, code_dim: must be >= 1")
+        if self.quant_warmup_steps < 0:
+            raise ConfigError("quant_warmup_steps: must be >= 0")
+
+
+@dataclass
+class TokenizerOutput:
+    """One forward pass: per-image losses [B] and detached statistics."""
+
+    loss_B: Tensor
+    rec_cos: Tensor
+    keep_ratio: Tensor
+    commit: Tensor
+    stats: dict[str, Tensor]
+
+
+class DynamicTokenizer(nn.Module):
+    """The whole tokenizer. ``forward`` computes training losses; ``tokenize`` / ``decode_codes`` are inference."""
+
+    def __init__(self, cfg: TokenizerConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = build_encoder(cfg.encoder)
+        dim = self.encoder.dim
+        if dim % cfg.heads:
+            raise ConfigError(f"heads: the encoder width {dim} is not divisible by {cfg.heads}")
+        hidden = int(dim * cfg.mlp_ratio)
+        self.token_predictor = TokenSelector(dim)
+        self.causal_encoder = TokenMerger(dim, cfg.merger_depth, cfg.heads, hidden)
+        self.encode_task_layer = nn.Sequential(nn.Linear(dim, dim), nn.Tanh(), nn.Linear(dim, cfg.code_dim))
+        self.quantize = CosineCodebook(
+            cfg.codebook_size,
+            cfg.code_dim,
+            decay=cfg.ema_decay,
+            kmeans_iters=cfg.kmeans_iters,
+            dead_code_threshold=cfg.dead_code_threshold,
+        )
+        self.decoder = FeatureDecoder(cfg.code_dim, dim, cfg.decoder_depth, cfg.heads, hidden,
+                                      self.encoder.num_patches, dim, cfg.unet_dim)  # fmt: skip
+        self.register_buffer("train_calls", torch.zeros((), dtype=torch.long))
+        self.encode_task_layer.apply(init_linear_and_norm)
+
+    @property
+    def num_patches(self) -> int:
+        return self.encoder.num_patches
+
+    def keep_mask(self, x_BND: Tensor) -> Tensor:
+        """Keep decisions [B, N] (float 0/1): Gumbel straight-through in training, else ``cfg.eval_keep``."""
+        mode = "gumbel" if self.training else self.cfg.eval_keep
+        return keep_decision(self.token_predictor(x_BND), mode)
+
+    def forward(self, images_BCHW: Tensor) -> TokenizerOutput:
+        """Training losses of images [B, 3, H, W] in [0, 1]."""
+        x_BND = self.encoder(images_BCHW)
+        keep_BN = self.keep_mask(x_BND)
+        merged_BKD, valid_BK = self.causal_encoder(x_BND, keep_BN, dense=self.training)
+        z_BKC = self.encode_task_layer(merged_BKD)
+        quantizing = not self.training or int(self.train_calls) >= self.cfg.quant_warmup_steps
+        if self.training:
+            self.train_calls += 1
+        if quantizing:
+            q = self.quantize(z_BKC, valid_BK)
+            codes_BKC, commit, stats = q.z_q, q.loss, q.stats
+        else:
+            codes_BKC, commit, stats = F.normalize(z_BKC.float(), dim=-1), z_BKC.new_zeros((), dtype=torch.float), {}
+        rec_BND = self.decoder(codes_BKC, valid_BK)
+        cos_BN = F.cosine_similarity(rec_BND.float(), x_BND.float(), dim=-1)
+        ratio_B = ratio_loss(keep_BN, self.cfg.rho, self.cfg.ratio_per_image)
+        loss_B = (1 - cos_BN).mean(dim=1) + self.cfg.ratio_weight * ratio_B + self.cfg.commit_weight * commit
+        return TokenizerOutput(loss_B, cos_BN.mean().detach(), keep_BN.mean().detach(), commit.detach(), stats)
+
+    @torch.no_grad()
+    def tokenize(self, images_BCHW: Tensor) -> tuple[list[Tensor], Tensor]:
+        """Code ids of each image (a list of [K_b] long tensors) and the keep masks [B, N] (bool)."""
+        x_BND = self.encoder(images_BCHW)
+        keep_BN = keep_decision(self.token_predictor(x_BND), self.cfg.eval_keep)
+        merged_BKD, valid_BK = self.causal_encoder.forward_kept(x_BND, keep_BN)
+        ids_BK = self.quantize.encode(self.encode_task_layer(merged_BKD))
+        return [ids_BK[b, valid_BK[b]] for b in range(len(ids_BK))], keep_BN.bool()
+
+    @torch.no_grad()
+    def decode_codes(self, ids: list[Tensor]) -> Tensor:
+        """Reconstructed patch features [B, N, D] from code-id sequences (each [K_b], 0 <= id < codebook_size)."""
+        if not ids:
+            raise ValueError("decode_codes: no sequences given")
+        for b, seq in enumerate(ids):
+            if seq.ndim != 1 or (len(seq) and (seq.min() < 0 or seq.max() >= self.cfg.codebook_size)):
+                raise ValueError(f"sequence {b}: ids must be a 1-d tensor in [0, {self.cfg.codebook_size})")
+            if len(seq) > self.num_patches:
+                raise ValueError(f"sequence {b}: {len(seq)} codes, more than the {self.num_patches} patches")
+        k = max(max(len(s) for s in ids), 1)
+        padded = torch.zeros(len(ids), k, dtype=torch.long, device=self.decoder.pos_embed.device)
+        valid = torch.zeros(len(ids), k, dtype=torch.bool, device=padded.device)
+        for b, seq in enumerate(ids):
+            padded[b, : len(seq)], valid[b, : len(seq)] = seq, True
+        return self.decoder(self.quantize.indices_to_codes(padded), valid)
+
+    def flops_per_image(self) -> float:
+        """Approximate training FLOPs per image (trainable parts: forward + backward = 3x forward; encoder forward)."""
+        n, d = self.num_patches, self.encoder.dim
+        k = max(int(n * self.cfg.rho), 1)
+        block = 2 * d * d * (4 + 2 * self.cfg.mlp_ratio)  # qkv/proj + cross q/k/v/proj + mlp, per token
+        merger = self.cfg.merger_depth * (n * (block + 4 * n * d))
+        decoder = self.cfg.decoder_depth * (n * (block + 2 * n * d + 2 * k * d))
+        encoder = sum(p.numel() for p in self.encoder.parameters()) * 2 * n
+        return 3.0 * (merger + decoder) + encoder
+
+
+def count_statistics(ids: list[Tensor], codebook_size: int) -> dict[str, Any]:
+    """Tokens per image (mean/min/max), codes used and perplexity of the code distribution over ``ids``."""
+    lengths = torch.tensor([len(s) for s in ids], dtype=torch.float)
+    flat = torch.cat([s.cpu() for s in ids]) if ids else torch.zeros(0, dtype=torch.long)
+    counts = torch.bincount(flat, minlength=codebook_size).float()
+    p = counts / counts.sum().clamp(min=1)
+    perplexity = torch.exp(-(p[p > 0] * p[p > 0].log()).sum())
+    return {
+        "tokens_mean": float(lengths.mean()) if len(lengths) else 0.0,
+        "tokens_min": int(lengths.min()) if len(lengths) else 0,
+        "tokens_max": int(lengths.max()) if len(lengths) else 0,
+        "codes_used": int((counts > 0).sum()),
+        "code_usage": float((counts > 0).float().mean()),
+        "code_perplexity": float(perplexity),
+    }
+
+
+__all__ = ["DynamicTokenizer", "TokenizerConfig", "TokenizerOutput", "count_statistics", "kept_index"]

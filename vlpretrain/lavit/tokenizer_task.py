@@ -1,0 +1,70 @@
+"""Training stage ``lavit-tokenizer``: the dynamic tokenizer against its frozen encoder's patch features.
+
+Presets: ``tiny`` (the demo: 64-px shapes world, the project's own small ViT, K = 1024), ``base`` (a 224-px ViT of
+width 384, merger depth 4, K = 8192) and ``paper`` (the official dimensions: EVA-CLIP ViT-G/14, D = 1408, 12 merger
+and 12 decoder blocks, 16 heads, K = 16384 codes of 32 dims). The frozen encoder's weights come from
+``model.encoder.path``; without it the encoder is random (tests only).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+from torch import Tensor, nn
+
+from vlpretrain.configs import register_preset
+from vlpretrain.core.encoders import EncoderSpec
+from vlpretrain.data.shards import collate_pairs, decode_pair
+from vlpretrain.lavit.tokenizer import DynamicTokenizer, TokenizerConfig
+
+
+@register_preset("lavit-tokenizer", "tiny")
+def tokenizer_tiny() -> TokenizerConfig:
+    return TokenizerConfig()
+
+
+@register_preset("lavit-tokenizer", "base")
+def tokenizer_base() -> TokenizerConfig:
+    return TokenizerConfig(encoder=EncoderSpec(kind="eva", preset="small"), merger_depth=4, decoder_depth=4, heads=6,
+                           codebook_size=8192, unet_dim=768)  # fmt: skip
+
+
+@register_preset("lavit-tokenizer", "paper")
+def tokenizer_paper() -> TokenizerConfig:
+    return TokenizerConfig(encoder=EncoderSpec(kind="eva", preset="eva-g-14"), merger_depth=12, decoder_depth=12,
+                           heads=16, mlp_ratio=4.3637, codebook_size=16384, code_dim=32, unet_dim=768,
+                           quant_warmup_steps=2000)  # fmt: skip
+
+
+class LavitTokenizerTask(nn.Module):
+    """Wraps :class:`DynamicTokenizer` for the training loop; one target = one image."""
+
+    config_cls = TokenizerConfig
+    target_unit = "img"
+
+    def __init__(self, cfg: TokenizerConfig) -> None:
+        super().__init__()
+        self.tokenizer = DynamicTokenizer(cfg)
+        self.tokenizer.decoder.unet_proj.requires_grad_(False)  # trained by the detokenizer stage
+
+    def forward(self, batch: dict[str, Any]) -> dict[str, Tensor]:
+        out = self.tokenizer(batch["image"])
+        parts = {"rec_cos": out.rec_cos, "keep_ratio": out.keep_ratio, "commit": out.commit}
+        parts |= {k: v for k, v in out.stats.items() if k in ("usage", "perplexity", "active_codes")}
+        return {"loss": out.loss_B.sum()} | parts
+
+    def num_targets(self, batch: dict[str, Any]) -> int:
+        return len(batch["image"])
+
+    def flops_per_target(self) -> float:
+        return self.tokenizer.flops_per_image()
+
+    def shard_units(self) -> list[nn.Module]:
+        return [*self.tokenizer.causal_encoder.blocks, *self.tokenizer.decoder.blocks]
+
+    def build_dataset(self, data_cfg: Any, split: str, rank: int, world_size: int) -> Any:
+        from vlpretrain.train.streams import pair_dataset
+
+        decode = functools.partial(decode_pair, image_size=self.tokenizer.encoder.image_size)
+        return pair_dataset(data_cfg, split, rank, world_size, decode=decode, collate=collate_pairs)
