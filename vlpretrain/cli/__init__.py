@@ -14,6 +14,8 @@ from typer._click import exceptions as click_errors  # typer vendors click; pinn
 
 from vlpretrain import __version__
 from vlpretrain.cli.data import app as data_app
+from vlpretrain.cli.eval import app as eval_app
+from vlpretrain.cli.tokenize import tokenize
 from vlpretrain.cli.train import train
 
 app = typer.Typer(
@@ -25,6 +27,8 @@ app = typer.Typer(
 )
 app.add_typer(data_app, name="data")
 app.command("train")(train)
+app.command("tokenize")(tokenize)
+app.add_typer(eval_app, name="eval")
 
 
 def _version(value: bool) -> None:
