@@ -9,3 +9,7 @@ from __future__ import annotations
 
 class UserError(Exception):
     """Bad input from the user; the message names the file, key or field at fault."""
+
+
+class TrainingDiverged(RuntimeError):
+    """A training run stopped itself (too many non-finite steps in a row); the message names the step."""

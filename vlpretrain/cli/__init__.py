@@ -17,6 +17,7 @@ from vlpretrain.cli.data import app as data_app
 from vlpretrain.cli.eval import app as eval_app
 from vlpretrain.cli.tokenize import tokenize
 from vlpretrain.cli.train import train
+from vlpretrain.errors import TrainingDiverged
 
 app = typer.Typer(
     name="vlpretrain",
@@ -42,6 +43,14 @@ def _root(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
 ) -> None:
     """Pretrain, run and evaluate vision-language models (LaVIT, LCL, Libra)."""
+
+
+@app.command("demo")
+def demo(out: str = typer.Option("runs/demo", help="Run folder; finished stages in it are reused.")) -> None:
+    """Run the end-to-end demo on the built-in shapes world (what `make demo` runs)."""
+    from vlpretrain.demo import run_demo
+
+    run_demo(out)
 
 
 def _user_error_types() -> tuple[type[BaseException], ...]:
@@ -70,13 +79,8 @@ def main(argv: list[str] | None = None) -> None:
     except _user_error_types() as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except TrainingDiverged as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
     if isinstance(code, int) and code:
         sys.exit(code)
-
-
-@app.command("demo")
-def demo(out: str = typer.Option("runs/demo", help="Run folder; finished stages in it are reused.")) -> None:
-    """Run the end-to-end demo on the built-in shapes world (what `make demo` runs)."""
-    from vlpretrain.demo import run_demo
-
-    run_demo(out)

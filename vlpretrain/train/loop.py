@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from vlpretrain.configs import to_dict
+from vlpretrain.errors import TrainingDiverged
 from vlpretrain.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from vlpretrain.train.config import TrainConfig
 from vlpretrain.train.distributed import DistEnv, all_reduce_sum, init_distributed, shutdown
@@ -28,10 +29,6 @@ from vlpretrain.train.optim import build_optimizer, build_scheduler
 from vlpretrain.train.parallelize import parallelize, resolve_mode, unwrap
 from vlpretrain.train.streams import build_stream, check_data
 from vlpretrain.train.task import build_task, task_config
-
-
-class TrainingDiverged(RuntimeError):
-    """Too many non-finite steps in a row."""
 
 
 @dataclass
