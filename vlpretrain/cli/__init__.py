@@ -13,6 +13,7 @@ import typer
 from typer._click import exceptions as click_errors  # typer vendors click; pinned version
 
 from vlpretrain import __version__
+from vlpretrain.cli.convert import app as convert_app
 from vlpretrain.cli.data import app as data_app
 from vlpretrain.cli.eval import app as eval_app
 from vlpretrain.cli.tokenize import tokenize
@@ -30,6 +31,7 @@ app.add_typer(data_app, name="data")
 app.command("train")(train)
 app.command("tokenize")(tokenize)
 app.add_typer(eval_app, name="eval")
+app.add_typer(convert_app, name="convert")
 
 
 def _version(value: bool) -> None:

@@ -1,0 +1,30 @@
+"""`vlpretrain convert ...`: official checkpoints -> folders that vlpretrain loads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from vlpretrain.cli.common import config_options
+
+app = typer.Typer(help="Convert official checkpoints into vlpretrain folders.", no_args_is_help=True)
+
+
+@app.callback()
+def _convert() -> None:
+    """Convert official checkpoints into vlpretrain folders."""
+
+
+@app.command("lavit-tokenizer")
+def lavit_tokenizer(
+    official_dir: Path = typer.Argument(..., help="Official LaVIT checkpoint folder (holding visual_tokenizer/)."),
+    out_dir: Path = typer.Argument(..., help="Output folder (config.json + model.safetensors)."),
+    preset: str = typer.Option("paper", help="lavit-tokenizer preset the files must match."),
+    set_: list[str] = config_options.set_,
+) -> None:
+    """Convert LaVIT's visual tokenizer (EVA encoder, selector, merger, codebook, feature decoder)."""
+    from vlpretrain.lavit.convert import conversion_summary, convert_tokenizer, converter_config
+
+    out = convert_tokenizer(official_dir, out_dir, converter_config(preset, set_))
+    print(conversion_summary(out))
