@@ -85,3 +85,10 @@ def test_count_statistics() -> None:
     assert stats["codes_used"] == 3 and stats["code_usage"] == 3 / 8
     p = torch.tensor([0.25, 0.5, 0.25])
     assert stats["code_perplexity"] == pytest.approx(float(torch.exp(-(p * p.log()).sum())))
+
+
+def test_dense_eval_merger_gives_the_same_tokens(images) -> None:
+    kept, dense = tiny().eval(), tiny(eval_merger="dense").eval()
+    ids_kept, _ = kept.tokenize(images)
+    ids_dense, _ = dense.tokenize(images)
+    assert all(torch.equal(a, b) for a, b in zip(ids_kept, ids_dense, strict=True))

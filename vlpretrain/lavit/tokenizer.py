@@ -49,6 +49,8 @@ class TokenizerConfig:
         quant_warmup_steps: training forward calls before quantisation switches on.
         ema_decay, kmeans_iters, dead_code_threshold: codebook training (see vlpretrain.core.quantize).
         eval_keep: keep decisions outside training: "deterministic" (p_keep > 0.5) or "sample" (official).
+        eval_merger: "kept" computes only kept rows when tokenising (fast, exact up to the official eps-softmax's
+            ~1e-6 leak); "dense" runs the official all-rows algorithm (bit-for-bit official codes, ~3x slower).
     """
 
     encoder: EncoderSpec = field(default_factory=lambda: EncoderSpec(kind="eva", preset="tiny"))
@@ -68,6 +70,7 @@ class TokenizerConfig:
     kmeans_iters: int = 10
     dead_code_threshold: float = 0.05
     eval_keep: Literal["deterministic", "sample"] = "deterministic"
+    eval_merger: Literal["kept", "dense"] = "kept"
 
     def __post_init__(self) -> None:
         if not 0 < self.rho <= 1:
@@ -149,7 +152,7 @@ class DynamicTokenizer(nn.Module):
         """Code ids of each image (a list of [K_b] long tensors) and the keep masks [B, N] (bool)."""
         x_BND = self.encoder(images_BCHW)
         keep_BN = keep_decision(self.token_predictor(x_BND), self.cfg.eval_keep)
-        merged_BKD, valid_BK = self.causal_encoder.forward_kept(x_BND, keep_BN)
+        merged_BKD, valid_BK = self.causal_encoder(x_BND, keep_BN, dense=self.cfg.eval_merger == "dense")
         ids_BK = self.quantize.encode(self.encode_task_layer(merged_BKD))
         return [ids_BK[b, valid_BK[b]] for b in range(len(ids_BK))], keep_BN.bool()
 
