@@ -13,7 +13,12 @@ from vlpretrain.train.config import DataConfig
 from vlpretrain.train.task import Task, build_task, task_config
 
 
-@pytest.mark.parametrize("name", vlpretrain.list_models())
+# The paper-size presets (e.g. EVA-CLIP ViT-G, 1B parameters) do not fit a CPU unit test; their shapes and keys are
+# tested by the converters' tests on tiny state dicts in the official layout.
+CPU_SIZED = [name for name in vlpretrain.list_models() if not name.endswith("/paper")]
+
+
+@pytest.mark.parametrize("name", CPU_SIZED)
 def test_model_forward_backward(name: str, shapes_data: Path) -> None:
     task_name, preset = name.split("/")
     torch.manual_seed(0)
