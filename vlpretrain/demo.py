@@ -26,20 +26,34 @@ from rich.table import Table
 console = Console()
 
 
+@dataclass(frozen=True)
+class DemoSize:
+    """How much work each stage does: the full demo, or a smoke-test size (``vlpretrain demo --smoke``)."""
+
+    synth_preset: str = "demo"
+    judge_steps: int | None = None  # None: the preset's
+    encoder_steps: int | None = None
+    tokenizer_steps: int = 800
+
+
+FULL = DemoSize()
+SMOKE = DemoSize(synth_preset="tiny", judge_steps=10, encoder_steps=3, tokenizer_steps=6)
+
+
 @dataclass
 class Stage:
-    """A resumable step of the demo: ``run(folder) -> metrics``; ``done.json`` in ``folder`` marks it finished."""
+    """A resumable step of the demo: ``run(run_dir, folder, size) -> metrics``; ``done.json`` marks it finished."""
 
     name: str
-    run: Callable[[Path, Path], dict[str, Any]]
+    run: Callable[[Path, Path, DemoSize], dict[str, Any]]
 
 
-def _data_stage(run_dir: Path, folder: Path) -> dict[str, Any]:
+def _data_stage(run_dir: Path, folder: Path, size: DemoSize) -> dict[str, Any]:
     from vlpretrain.configs import get_preset
     from vlpretrain.data.inspect import inspect_shards
     from vlpretrain.data.synth_write import write_shapes_world
 
-    stats = write_shapes_world(get_preset("synth", "demo"), folder, workers=2)
+    stats = write_shapes_world(get_preset("synth", size.synth_preset), folder, workers=2)
     summary = inspect_shards(str(folder / "train" / "*.tar"), grid_png=folder / "grid.png", n_grid=16)
     return {
         "images": {split: s["images"] for split, s in stats["splits"].items()},
@@ -49,29 +63,34 @@ def _data_stage(run_dir: Path, folder: Path) -> dict[str, Any]:
     }
 
 
-def _judge_stage(run_dir: Path, folder: Path) -> dict[str, Any]:
+def _judge_stage(run_dir: Path, folder: Path, size: DemoSize) -> dict[str, Any]:
     from vlpretrain.configs import get_preset
     from vlpretrain.data.judge import evaluate_judge, save_judge, train_judge
     from vlpretrain.data.shards import read_records
     from vlpretrain.data.synthetic import SynthConfig
 
-    judge = train_judge(get_preset("judge", "default"), SynthConfig())
+    judge = train_judge(get_preset("judge", "default"), SynthConfig(), steps=size.judge_steps)
     save_judge(judge, folder)
     images, records = read_records(str(run_dir / "data" / "test" / "*.tar"))
     return {"test_accuracy": evaluate_judge(judge, images, records)}
 
 
-def _encoder_stage(run_dir: Path, folder: Path) -> dict[str, Any]:
+def _encoder_stage(run_dir: Path, folder: Path, size: DemoSize) -> dict[str, Any]:
+    import dataclasses
+
     from vlpretrain.configs import get_preset
     from vlpretrain.data.synthetic import SynthConfig
     from vlpretrain.lavit.demo_encoder import pretrain_demo_encoder, save_demo_encoder
 
-    vit, metrics = pretrain_demo_encoder(get_preset("demo-encoder", "tiny"), SynthConfig())
+    cfg = get_preset("demo-encoder", "tiny")
+    if size.encoder_steps is not None:
+        cfg = dataclasses.replace(cfg, steps=size.encoder_steps, pool_size=cfg.batch_size, eval_images=32)
+    vit, metrics = pretrain_demo_encoder(cfg, SynthConfig())
     save_demo_encoder(vit, folder / ENCODER_FILE, metrics)
     return {k: v for k, v in metrics.items() if "acc" in k}
 
 
-def _tokenizer_stage(run_dir: Path, folder: Path) -> dict[str, Any]:
+def _tokenizer_stage(run_dir: Path, folder: Path, size: DemoSize) -> dict[str, Any]:
     from vlpretrain.configs import from_dict
     from vlpretrain.data.shards import read_records
     from vlpretrain.eval.tokenizer_stats import run as tokenizer_stats
@@ -83,7 +102,7 @@ def _tokenizer_stage(run_dir: Path, folder: Path) -> dict[str, Any]:
         "task": "lavit-tokenizer", "model_preset": "tiny", "out_dir": str(folder),
         "model": {"encoder": {"kind": "eva", "preset": "tiny", "path": str(run_dir / "encoder" / ENCODER_FILE)}},
         "data": {"train": str(run_dir / "data" / "train"), "batch_size": 64, "num_workers": 1},
-        **TOKENIZER_RECIPE,
+        **TOKENIZER_RECIPE, "steps": size.tokenizer_steps,
     })  # fmt: skip
     train(cfg, resume=True)
     images, records = read_records(str(run_dir / "data" / "test"))
@@ -92,7 +111,6 @@ def _tokenizer_stage(run_dir: Path, folder: Path) -> dict[str, Any]:
 
 # The demo's tokenizer recipe (also what docs/lavit.md reports): the 10-minute CPU budget of the tiny preset.
 TOKENIZER_RECIPE: dict[str, Any] = {
-    "steps": 800,
     "optim": {"lr": 1e-3, "weight_decay": 0.01, "betas": [0.9, 0.99]},
     "schedule": {"warmup_steps": 50},
     "checkpoint": {"every": 200, "keep_last": 1},
@@ -108,7 +126,7 @@ STAGES = [
 ]
 
 
-def run_demo(out: str | Path) -> dict[str, Any]:
+def run_demo(out: str | Path, size: DemoSize = FULL) -> dict[str, Any]:
     """Run (or finish) every demo stage under ``out``; returns and writes ``out/metrics.json``."""
     run_dir = Path(out)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -123,7 +141,7 @@ def run_demo(out: str | Path) -> dict[str, Any]:
         console.rule(f"demo stage: {stage.name}")
         folder.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
-        result = stage.run(run_dir, folder) | {"stage_seconds": round(time.perf_counter() - start, 1)}
+        result = stage.run(run_dir, folder, size) | {"stage_seconds": round(time.perf_counter() - start, 1)}
         done.write_text(json.dumps(result, indent=2) + "\n")
         metrics[stage.name] = result
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")

@@ -48,11 +48,14 @@ def _root(
 
 
 @app.command("demo")
-def demo(out: str = typer.Option("runs/demo", help="Run folder; finished stages in it are reused.")) -> None:
+def demo(
+    out: str = typer.Option("runs/demo", help="Run folder; finished stages in it are reused."),
+    smoke: bool = typer.Option(False, "--smoke", help="Tiny sizes: checks every stage runs, in about a minute."),
+) -> None:
     """Run the end-to-end demo on the built-in shapes world (what `make demo` runs)."""
-    from vlpretrain.demo import run_demo
+    from vlpretrain.demo import FULL, SMOKE, run_demo
 
-    run_demo(out)
+    run_demo(out, SMOKE if smoke else FULL)
 
 
 def _user_error_types() -> tuple[type[BaseException], ...]:

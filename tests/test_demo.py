@@ -1,0 +1,24 @@
+"""The demo runs every stage end to end (smoke size), writes metrics.json, and a second run reuses finished stages."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from vlpretrain.demo import SMOKE, STAGES, run_demo
+
+
+def test_demo_smoke_runs_every_stage_and_resumes(tmp_path: Path, capsys) -> None:
+    metrics = run_demo(tmp_path, SMOKE)
+    names = [stage.name for stage in STAGES]
+    assert list(metrics) == names
+    assert json.loads((tmp_path / "metrics.json").read_text()) == json.loads(json.dumps(metrics))
+    assert metrics["data"]["images"] == {"train": 256, "val": 64, "test": 64}
+    assert (tmp_path / "data" / "grid.png").stat().st_size > 1000
+    assert set(metrics["judge"]["test_accuracy"]) >= {"count", "colors", "shapes"}
+    assert (tmp_path / "encoder" / "vit.safetensors").exists()
+    assert {"tokens_mean", "rec_cos", "code_usage"} <= set(metrics["tokenizer"])
+    capsys.readouterr()
+    again = run_demo(tmp_path, SMOKE)
+    assert json.dumps(again, sort_keys=True) == json.dumps(metrics, sort_keys=True)  # NaN-safe comparison
+    assert capsys.readouterr().out.count("already done") == len(names)
