@@ -7,13 +7,14 @@ import argparse
 import sys
 from collections.abc import Callable
 
-from benchmarks import synth, tokenizer, train_step
+from benchmarks import detokenizer, synth, tokenizer, train_step
 from benchmarks.common import DOC, Conditions, Report, publish
 
 BENCHMARKS: dict[str, Callable[[bool], Report]] = {
     synth.NAME: synth.run,
     train_step.NAME: train_step.run,
     tokenizer.NAME: tokenizer.run,
+    detokenizer.NAME: detokenizer.run,
 }
 
 

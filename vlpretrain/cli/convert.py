@@ -28,3 +28,21 @@ def lavit_tokenizer(
 
     out = convert_tokenizer(official_dir, out_dir, converter_config(preset, set_))
     print(conversion_summary(out))
+
+
+@app.command("lavit-detokenizer")
+def lavit_detokenizer(
+    official_dir: Path = typer.Argument(
+        ..., help="Official LaVIT checkpoint folder (pixel_decoding/, visual_tokenizer/)."
+    ),
+    out_dir: Path = typer.Argument(..., help="Output folder (config.json + model.safetensors)."),
+    highres: bool = typer.Option(False, "--highres", help="Convert highres_pixel_decoding/ (SDXL-style, 1024 px)."),
+    tokenizer: str = typer.Option("", help="The converted lavit-tokenizer folder to record as its tokenizer."),
+    pool_heads: int = typer.Option(16, min=1, help="Heads of the high-res attention pool (not in the files)."),
+) -> None:
+    """Convert LaVIT's diffusion decoder (UNet, VAE, scheduler, unet_proj from the tokenizer's decoder file)."""
+    from vlpretrain.lavit.convert_detokenizer import conversion_summary, convert_detokenizer
+
+    variant = "highres" if highres else "lowres"
+    out = convert_detokenizer(official_dir, out_dir, variant, tokenizer=tokenizer, pool_heads=pool_heads)
+    print(conversion_summary(out))

@@ -29,6 +29,7 @@ from vlpretrain.configs import ConfigError, from_dict, get_preset, merge
 _TASKS: dict[str, str] = {
     "text-lm": "vlpretrain.tasks.text_lm:TextLMTask",
     "lavit-tokenizer": "vlpretrain.lavit.tokenizer_task:LavitTokenizerTask",
+    "lavit-detokenizer": "vlpretrain.lavit.detokenizer_task:LavitDetokenizerTask",
 }
 
 
