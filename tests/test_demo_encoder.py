@@ -106,8 +106,9 @@ def short_run() -> tuple[VisionTransformer, dict[str, float]]:
 def test_short_training_lowers_the_loss(short_run: tuple[VisionTransformer, dict[str, float]]) -> None:
     vit, metrics = short_run
     assert metrics["steps"] == SHORT.steps
-    assert metrics["loss_last"] < 0.7 * metrics["loss_first"]
+    assert metrics["loss_last"] < 0.75 * metrics["loss_first"]  # the position term starts at log(64) and falls last
     assert metrics["color_acc"] > 0.5  # colour is a per-patch linear read-out: learnt first
+    assert metrics["position_acc"] > 0.1  # chance: 1/64
     assert not vit.training
     for name in ("shape_acc", "size_acc", "object_acc", "background_acc", "count_acc"):
         assert 0.0 <= metrics[name] <= 1.0

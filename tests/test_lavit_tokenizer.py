@@ -92,3 +92,52 @@ def test_dense_eval_merger_gives_the_same_tokens(images) -> None:
     ids_kept, _ = kept.tokenize(images)
     ids_dense, _ = dense.tokenize(images)
     assert all(torch.equal(a, b) for a, b in zip(ids_kept, ids_dense, strict=True))
+
+
+def test_policy_decoder_equals_the_decoder_on_kept_rows(images) -> None:
+    """Training decodes all rows with the keep mask as policy: with a hard mask that is the kept-rows decoder."""
+    tok = tiny().eval()
+    torch.manual_seed(1)
+    codes = torch.nn.functional.normalize(torch.randn(6, tok.num_patches, 32), dim=-1)
+    keep = (torch.rand(6, tok.num_patches) < 0.4).float()
+    keep[0] = 1.0  # everything kept
+    keep[1, :5] = 0.0
+    from vlpretrain.lavit.merger import gather_rows, kept_index
+
+    index, valid = kept_index(keep)
+    reference = tok.decoder(gather_rows(codes, index), valid)
+    torch.testing.assert_close(tok.decoder.forward_policy(codes, keep), reference, atol=2e-4, rtol=1e-4)
+
+
+def test_policy_decoder_gives_every_keep_decision_a_gradient(images) -> None:
+    tok = tiny().train()
+    x = tok.encoder(images)
+    logp = tok.token_predictor(x).detach().requires_grad_(True)
+    from vlpretrain.lavit.selector import keep_decision
+
+    keep = keep_decision(logp, "gumbel")
+    z = tok.encode_task_layer(tok.causal_encoder.forward_dense(x, keep))
+    rec = tok.decoder.forward_policy(torch.nn.functional.normalize(z, dim=-1), keep)
+    (1 - torch.nn.functional.cosine_similarity(rec, x, dim=-1)).mean().backward()
+    grad = logp.grad[..., 0]
+    assert (grad[keep.bool()] != 0).float().mean() > 0.9 and (grad[~keep.bool()] != 0).float().mean() > 0.9
+
+
+def test_deterministic_threshold_calibrates_to_the_sampled_keep_ratio(images) -> None:
+    tok = tiny().train()
+    x = tok.encoder(images)
+    with torch.no_grad():  # a selector whose p_keep is at most ~0.4: p > 0.5 would keep nothing
+        last = tok.token_predictor.out_conv[-2]
+        last.weight.mul_(300.0)
+        logp = tok.token_predictor(x)
+        last.bias.sub_(torch.stack([(logp[..., 0] - logp[..., 1]).max() + 0.4, torch.tensor(0.0)]))
+    assert tok.eval().keep_mask(x).sum() == 0
+    tok.train()
+    for _ in range(300):
+        sampled = tok.keep_mask(x).mean()
+    kept = tok.eval().keep_mask(x).mean()
+    assert 0.2 < float(sampled) < 0.4 and abs(float(kept) - 0.3) < 0.08
+    assert float(tok.token_predictor.keep_threshold) < 0  # below p = 0.5
+    frozen = tiny(calibrate_threshold=False).train()
+    frozen.keep_mask(x)
+    assert float(frozen.token_predictor.keep_threshold) == 0.0

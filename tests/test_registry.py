@@ -12,7 +12,6 @@ from vlpretrain.data.shards import DataStream
 from vlpretrain.train.config import DataConfig
 from vlpretrain.train.task import Task, build_task, task_config
 
-
 # The paper-size presets (e.g. EVA-CLIP ViT-G, 1B parameters) do not fit a CPU unit test; their shapes and keys are
 # tested by the converters' tests on tiny state dicts in the official layout.
 CPU_SIZED = [name for name in vlpretrain.list_models() if not name.endswith("/paper")]

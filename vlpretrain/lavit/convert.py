@@ -45,7 +45,13 @@ FORMATS = (".safetensors", ".bin")  # the first one present is read
 CODEBOOK_KEY = "tokenizer.quantize.embedding.weight"
 # Our state that the official files do not hold: set by the converter, not loaded.
 OURS_ONLY = frozenset(
-    f"tokenizer.{name}" for name in ("train_calls", "quantize.ema_count", "quantize.ema_sum", "quantize.initialised")
+    f"tokenizer.{name}" for name in (
+        "train_calls",
+        "token_predictor.keep_threshold",
+        "quantize.ema_count",
+        "quantize.ema_sum",
+        "quantize.initialised",
+    )
 )
 _MAX_LISTED = 8
 
@@ -109,6 +115,7 @@ def convert_tokenizer(official_dir: str | Path, out_dir: str | Path, model_cfg: 
         raise RuntimeError(f"converter bug: key table out of date ({result})")
     _load_codebook(task.tokenizer.quantize, codebook, files["tokenizer_encoder"])
     task.tokenizer.train_calls = torch.tensor(cfg.quant_warmup_steps, dtype=torch.long)
+    task.tokenizer.token_predictor.keep_threshold = torch.zeros(())  # p_keep > 0.5 until recalibrated
     _check_materialised(task)
     report["parameters"] = sum(p.numel() for p in task.parameters())
     return save_task(task, TASK, cfg, out_dir, extra={"converted_from": report})

@@ -17,7 +17,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from vlpretrain.core.attention import CrossAttention, Mlp, SelfAttention, init_linear_and_norm
+from vlpretrain.core.attention import (
+    CrossAttention,
+    Mlp,
+    SelfAttention,
+    expand_mask,
+    init_linear_and_norm,
+    merge_heads,
+    policy_softmax,
+)
 
 
 class DecoderBlock(nn.Module):
@@ -35,6 +43,15 @@ class DecoderBlock(nn.Module):
     def forward(self, q_BND: Tensor, codes_BKD: Tensor, bias_B11K: Tensor) -> Tensor:
         q_BND = q_BND + self.self_attn(self.norm0(q_BND))
         q_BND = q_BND + self.cross_attn(self.norm1(q_BND), codes_BKD, bias_B11K)
+        return q_BND + self.mlp(self.norm2(q_BND))
+
+    def forward_policy(self, q_BND: Tensor, codes_BSD: Tensor, keep_BS: Tensor) -> Tensor:
+        """The block with every code row present and weighted by ``keep_BS`` (float 0/1, may carry gradients)."""
+        q_BND = q_BND + self.self_attn(self.norm0(q_BND))
+        q, k, v = self.cross_attn.project(self.norm1(q_BND), codes_BSD)
+        scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5  # (B, H, N, S)
+        weights = policy_softmax(scores, expand_mask(keep_BS)).to(v.dtype)
+        q_BND = q_BND + self.cross_attn.proj(merge_heads(weights @ v))
         return q_BND + self.mlp(self.norm2(q_BND))
 
 
@@ -68,4 +85,22 @@ class FeatureDecoder(nn.Module):
         q = self.query_embed.expand(codes_BKC.shape[0], -1, -1)
         for block in self.blocks:
             q = block(q, x, bias)
+        return self.decode_task_layer(self.norm(q))
+
+    def forward_policy(self, codes_BNC: Tensor, keep_BN: Tensor) -> Tensor:
+        """Training form: codes for ALL N rows [B, N, C], the keep mask [B, N] as attention policy -> [B, N, D_out].
+
+        Row i gets the positional embedding of its rank among the kept rows before it (what it has, or would have,
+        in the kept sequence) and enters the cross-attention with weight keep_i, so the straight-through gradient
+        of the keep mask measures how much each row's code helps the reconstruction. With a hard mask the output
+        equals :meth:`forward` on the kept rows (up to the policy softmax's 1e-6 leak).
+        """
+        if codes_BNC.shape[1] != self.query_embed.shape[1]:
+            raise ValueError(f"forward_policy: expected {self.query_embed.shape[1]} rows, got {codes_BNC.shape[1]}")
+        hard = keep_BN.detach().round()
+        rank = (hard.cumsum(dim=1) - hard).long()  # (B, N): kept rows before each row
+        x = self.in_proj(codes_BNC) + self.pos_embed[0][rank]
+        q = self.query_embed.expand(codes_BNC.shape[0], -1, -1)
+        for block in self.blocks:
+            q = block.forward_policy(q, x, keep_BN)
         return self.decode_task_layer(self.norm(q))

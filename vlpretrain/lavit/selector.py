@@ -21,10 +21,18 @@ KeepMode = Literal["gumbel", "sample", "deterministic"]
 
 
 class TokenSelector(nn.Module):
-    """Scores every patch: log-probabilities of (keep, drop), [B, N, 2]."""
+    """Scores every patch: log-probabilities of (keep, drop), [B, N, 2].
 
-    def __init__(self, dim: int) -> None:
+    ``keep_threshold`` (a buffer, not in the official checkpoint) is the log-odds above which the deterministic mode
+    keeps a patch. It starts at 0 (p_keep > 0.5) and, with ``calibrate``, training tracks it as a running estimate
+    (like BatchNorm's statistics) of the log-odds quantile at which the hard threshold keeps as many patches as the
+    Gumbel samples do, so deterministic tokenising keeps the trained ratio while ranking patches by p_keep.
+    """
+
+    def __init__(self, dim: int, calibration_momentum: float = 0.02) -> None:
         super().__init__()
+        self.calibration_momentum = calibration_momentum
+        self.register_buffer("keep_threshold", torch.zeros(()))
         self.in_conv = nn.Sequential(nn.LayerNorm(dim, eps=1e-5), nn.Linear(dim, dim), nn.GELU())
         self.out_conv = nn.Sequential(
             nn.Linear(dim, dim // 2),
@@ -47,12 +55,24 @@ class TokenSelector(nn.Module):
             global_ = x[..., half:].mean(dim=1, keepdim=True).expand(-1, x.shape[1], -1)  # policy is all ones here
             return self.out_conv(torch.cat([x[..., :half], global_], dim=-1))
 
+    @torch.no_grad()
+    def calibrate(self, logp_BN2: Tensor, kept_fraction: float) -> None:
+        """Move ``keep_threshold`` toward the log-odds quantile that keeps ``kept_fraction`` of these patches."""
+        log_odds = (logp_BN2[..., 0] - logp_BN2[..., 1]).float().flatten()
+        target = torch.quantile(log_odds, min(max(1.0 - kept_fraction, 0.0), 1.0))
+        self.keep_threshold.lerp_(target.to(self.keep_threshold.dtype), self.calibration_momentum)
+
+    def deterministic(self, logp_BN2: Tensor) -> Tensor:
+        """Keep where the log-odds exceed ``keep_threshold``: [B, N] float 0/1."""
+        return (logp_BN2[..., 0] - logp_BN2[..., 1] > self.keep_threshold).to(logp_BN2.dtype)
+
 
 def keep_decision(logp_BN2: Tensor, mode: KeepMode, tau: float = 1.0) -> Tensor:
     """The keep mask [B, N] as float 0/1.
 
     ``gumbel``: hard Gumbel-softmax sample with a straight-through gradient (training). ``sample``: the same sample
-    without gradient (the official inference). ``deterministic``: keep where p(keep) > 0.5 (our evaluation default).
+    without gradient (the official inference). ``deterministic``: keep where p(keep) > 0.5 (use
+    :meth:`TokenSelector.deterministic` for the calibrated threshold).
     """
     if mode == "deterministic":
         return (logp_BN2[..., 0] > logp_BN2[..., 1]).to(logp_BN2.dtype)

@@ -51,6 +51,10 @@ class TokenizerConfig:
         eval_keep: keep decisions outside training: "deterministic" (p_keep > 0.5) or "sample" (official).
         eval_merger: "kept" computes only kept rows when tokenising (fast, exact up to the official eps-softmax's
             ~1e-6 leak); "dense" runs the official all-rows algorithm (bit-for-bit official codes, ~3x slower).
+        policy_decoder: in training, decode all rows with the keep mask as attention policy, so that the selector
+            learns from each token's use to the reconstruction (False: the decoder sees the kept rows only).
+        calibrate_threshold: in training, track the log-odds threshold at which deterministic keep decisions keep
+            as many patches as the Gumbel samples (see :class:`TokenSelector`); False: p_keep > 0.5.
     """
 
     encoder: EncoderSpec = field(default_factory=lambda: EncoderSpec(kind="eva", preset="tiny"))
@@ -71,6 +75,8 @@ class TokenizerConfig:
     dead_code_threshold: float = 0.05
     eval_keep: Literal["deterministic", "sample"] = "deterministic"
     eval_merger: Literal["kept", "dense"] = "kept"
+    policy_decoder: bool = True
+    calibrate_threshold: bool = True
 
     def __post_init__(self) -> None:
         if not 0 < self.rho <= 1:
@@ -123,35 +129,63 @@ class DynamicTokenizer(nn.Module):
         return self.encoder.num_patches
 
     def keep_mask(self, x_BND: Tensor) -> Tensor:
-        """Keep decisions [B, N] (float 0/1): Gumbel straight-through in training, else ``cfg.eval_keep``."""
-        mode = "gumbel" if self.training else self.cfg.eval_keep
-        return keep_decision(self.token_predictor(x_BND), mode)
+        """Keep decisions [B, N] (float 0/1): Gumbel straight-through in training, else :meth:`inference_keep`.
+
+        In training with ``calibrate_threshold`` the selector's deterministic threshold follows the samples.
+        """
+        logp_BN2 = self.token_predictor(x_BND)
+        if not self.training:
+            return self.inference_keep(logp_BN2)
+        keep_BN = keep_decision(logp_BN2, "gumbel")
+        if self.cfg.calibrate_threshold:
+            self.token_predictor.calibrate(logp_BN2, float(keep_BN.detach().mean()))
+        return keep_BN
+
+    def inference_keep(self, logp_BN2: Tensor) -> Tensor:
+        """Keep decisions [B, N] of ``cfg.eval_keep``: the calibrated deterministic threshold, or a sample."""
+        if self.cfg.eval_keep == "deterministic":
+            return self.token_predictor.deterministic(logp_BN2)
+        return keep_decision(logp_BN2, "sample")
 
     def forward(self, images_BCHW: Tensor) -> TokenizerOutput:
         """Training losses of images [B, 3, H, W] in [0, 1]."""
-        x_BND = self.encoder(images_BCHW)
+        return self.forward_features(self.encoder(images_BCHW))
+
+    def forward_features(self, x_BND: Tensor) -> TokenizerOutput:
+        """Training losses given the frozen encoder's patch features [B, N, D] (e.g. cached ones).
+
+        In training with ``policy_decoder`` every row goes through merger, quantizer and decoder, the keep mask acting
+        as an attention policy (see :meth:`FeatureDecoder.forward_policy`); otherwise only the kept rows do.
+        """
         keep_BN = self.keep_mask(x_BND)
-        merged_BKD, valid_BK = self.causal_encoder(x_BND, keep_BN, dense=self.training)
-        z_BKC = self.encode_task_layer(merged_BKD)
         quantizing = not self.training or int(self.train_calls) >= self.cfg.quant_warmup_steps
         if self.training:
             self.train_calls += 1
-        if quantizing:
-            q = self.quantize(z_BKC, valid_BK)
-            codes_BKC, commit, stats = q.z_q, q.loss, q.stats
+        if self.training and self.cfg.policy_decoder:
+            z_BNC = self.encode_task_layer(self.causal_encoder.forward_dense(x_BND, keep_BN))
+            codes_BNC, commit, stats = self._quantize(z_BNC, keep_BN.detach().bool(), quantizing)
+            rec_BND = self.decoder.forward_policy(codes_BNC, keep_BN)
         else:
-            codes_BKC, commit, stats = F.normalize(z_BKC.float(), dim=-1), z_BKC.new_zeros((), dtype=torch.float), {}
-        rec_BND = self.decoder(codes_BKC, valid_BK)
+            merged_BKD, valid_BK = self.causal_encoder(x_BND, keep_BN, dense=self.training)
+            codes_BKC, commit, stats = self._quantize(self.encode_task_layer(merged_BKD), valid_BK, quantizing)
+            rec_BND = self.decoder(codes_BKC, valid_BK)
         cos_BN = F.cosine_similarity(rec_BND.float(), x_BND.float(), dim=-1)
         ratio_B = ratio_loss(keep_BN, self.cfg.rho, self.cfg.ratio_per_image)
         loss_B = (1 - cos_BN).mean(dim=1) + self.cfg.ratio_weight * ratio_B + self.cfg.commit_weight * commit
         return TokenizerOutput(loss_B, cos_BN.mean().detach(), keep_BN.mean().detach(), commit.detach(), stats)
 
+    def _quantize(self, z: Tensor, valid: Tensor, quantizing: bool) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """(codes [..., C], commitment loss, statistics); before quantisation starts, the normalised vectors."""
+        if quantizing:
+            q = self.quantize(z, valid)
+            return q.z_q, q.loss, q.stats
+        return F.normalize(z.float(), dim=-1), z.new_zeros((), dtype=torch.float), {}
+
     @torch.no_grad()
     def tokenize(self, images_BCHW: Tensor) -> tuple[list[Tensor], Tensor]:
         """Code ids of each image (a list of [K_b] long tensors) and the keep masks [B, N] (bool)."""
         x_BND = self.encoder(images_BCHW)
-        keep_BN = keep_decision(self.token_predictor(x_BND), self.cfg.eval_keep)
+        keep_BN = self.inference_keep(self.token_predictor(x_BND))
         merged_BKD, valid_BK = self.causal_encoder(x_BND, keep_BN, dense=self.cfg.eval_merger == "dense")
         ids_BK = self.quantize.encode(self.encode_task_layer(merged_BKD))
         return [ids_BK[b, valid_BK[b]] for b in range(len(ids_BK))], keep_BN.bool()
