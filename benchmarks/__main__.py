@@ -7,7 +7,7 @@ import argparse
 import sys
 from collections.abc import Callable
 
-from benchmarks import detokenizer, synth, tokenizer, train_step
+from benchmarks import detokenizer, lm, synth, tokenizer, train_step
 from benchmarks.common import DOC, Conditions, Report, publish
 
 BENCHMARKS: dict[str, Callable[[bool], Report]] = {
@@ -15,6 +15,7 @@ BENCHMARKS: dict[str, Callable[[bool], Report]] = {
     train_step.NAME: train_step.run,
     tokenizer.NAME: tokenizer.run,
     detokenizer.NAME: detokenizer.run,
+    lm.NAME: lm.run,
 }
 
 

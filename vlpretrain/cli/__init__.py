@@ -16,6 +16,7 @@ from vlpretrain import __version__
 from vlpretrain.cli.convert import app as convert_app
 from vlpretrain.cli.data import app as data_app
 from vlpretrain.cli.eval import app as eval_app
+from vlpretrain.cli.lavit_lm import ask, caption, eval_lm, generate
 from vlpretrain.cli.reconstruct import reconstruct
 from vlpretrain.cli.tokenize import tokenize
 from vlpretrain.cli.train import train
@@ -32,6 +33,10 @@ app.add_typer(data_app, name="data")
 app.command("train")(train)
 app.command("tokenize")(tokenize)
 app.command("reconstruct")(reconstruct)
+app.command("caption")(caption)
+app.command("ask")(ask)
+app.command("generate")(generate)
+eval_app.command("lm")(eval_lm)
 app.add_typer(eval_app, name="eval")
 app.add_typer(convert_app, name="convert")
 

@@ -46,3 +46,18 @@ def lavit_detokenizer(
     variant = "highres" if highres else "lowres"
     out = convert_detokenizer(official_dir, out_dir, variant, tokenizer=tokenizer, pool_heads=pool_heads)
     print(conversion_summary(out))
+
+
+@app.command("lavit-lm")
+def lavit_lm(
+    official_dir: Path = typer.Argument(..., help="Official LaVIT checkpoint folder (holding language_model/)."),
+    out_dir: Path = typer.Argument(..., help="Output folder (config.json + model.safetensors + text_tokenizer/)."),
+    tokenizer: str = typer.Option("", help="The converted lavit-tokenizer folder to record as its tokenizer."),
+    dtype: str = typer.Option("float32", help="Storage dtype: float32, bfloat16 or float16."),
+    max_len: int = typer.Option(2048, min=8, help="Context recorded as max_len (the paper's 2048)."),
+) -> None:
+    """Convert LaVIT's unified LM (the LLaMA with visual vocabulary, and visual_weight.bin's merger + vit_proj)."""
+    from vlpretrain.lavit.convert_lm import conversion_summary, convert_lm
+
+    out = convert_lm(official_dir, out_dir, tokenizer=tokenizer, dtype=dtype, max_len=max_len)
+    print(conversion_summary(out))

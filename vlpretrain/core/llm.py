@@ -23,6 +23,7 @@ class LlamaSpec:
         hidden_size, intermediate_size, num_layers, num_heads, num_kv_heads: the decoder's dimensions.
         max_positions: the longest sequence (RoPE table size).
         rope_theta: RoPE base.
+        rms_norm_eps: epsilon of the RMSNorms (1e-6; LLaMA-2's folders say 1e-5).
     """
 
     path: str = ""
@@ -33,6 +34,7 @@ class LlamaSpec:
     num_kv_heads: int = 4
     max_positions: int = 256
     rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-6
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
@@ -60,6 +62,7 @@ def build_llama(spec: LlamaSpec, vocab_size: int) -> LlamaForCausalLM:
         num_key_value_heads=spec.num_kv_heads,
         max_position_embeddings=spec.max_positions,
         rope_theta=spec.rope_theta,
+        rms_norm_eps=spec.rms_norm_eps,
         tie_word_embeddings=False,
         attn_implementation="sdpa",
     )

@@ -30,6 +30,7 @@ _TASKS: dict[str, str] = {
     "text-lm": "vlpretrain.tasks.text_lm:TextLMTask",
     "lavit-tokenizer": "vlpretrain.lavit.tokenizer_task:LavitTokenizerTask",
     "lavit-detokenizer": "vlpretrain.lavit.detokenizer_task:LavitDetokenizerTask",
+    "lavit-lm": "vlpretrain.lavit.lm_task:LavitLMTask",
 }
 
 
