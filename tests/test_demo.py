@@ -18,6 +18,9 @@ def test_demo_smoke_runs_every_stage_and_resumes(tmp_path: Path, capsys) -> None
     assert set(metrics["judge"]["test_accuracy"]) >= {"count", "colors", "shapes"}
     assert (tmp_path / "encoder" / "vit.safetensors").exists()
     assert {"tokens_mean", "rec_cos", "code_usage"} <= set(metrics["tokenizer"])
+    assert "agree_mean" in metrics["detokenizer"] and (tmp_path / "detokenizer" / "reconstructions.png").exists()
+    assert {"caption_attr_f1", "vqa_accuracy", "t2i_prompt_match"} <= set(metrics["lm"])
+    assert (tmp_path / "lm" / "eval" / "samples.json").exists()
     capsys.readouterr()
     again = run_demo(tmp_path, SMOKE)
     assert json.dumps(again, sort_keys=True) == json.dumps(metrics, sort_keys=True)  # NaN-safe comparison

@@ -5,10 +5,13 @@ Stages, each in its own folder under the run folder and skipped when already fin
 1. ``data``       synthesise the shapes world (pair shards, QA, interleaved documents) and inspect it (sample grid);
 2. ``judge``      train the shapes-world judge and measure its per-attribute accuracy on the test split;
 3. ``encoder``    pretrain the small frozen ViT the tokenizer reads (dense per-patch attribute supervision);
-4. ``tokenizer``  train LaVIT's dynamic tokenizer through the shared loop and evaluate it on the test split.
+4. ``tokenizer``  train LaVIT's dynamic tokenizer through the shared loop and evaluate it on the test split;
+5. ``detokenizer`` train the diffusion decoder on the frozen tokenizer; the judge scores test reconstructions;
+6. ``lm``         train the unified LM; captions, VQA and text-to-image on the test split, scored against the
+                  ground truth and by the judge.
 
 ``metrics.json`` in the run folder collects every stage's numbers; a summary table is printed at the end.
-The detokenizer, the unified LM and the HTML report join this list as they land.
+The HTML report joins this list when it lands.
 """
 
 from __future__ import annotations
@@ -34,10 +37,15 @@ class DemoSize:
     judge_steps: int | None = None  # None: the preset's
     encoder_steps: int | None = None
     tokenizer_steps: int = 800
+    detokenizer_steps: int = 300
+    lm_steps: int = 300
+    eval_images: int = 200  # test images of the detokenizer and LM evaluations
+    t2i_prompts: int = 64
 
 
 FULL = DemoSize()
-SMOKE = DemoSize(synth_preset="tiny", judge_steps=10, encoder_steps=3, tokenizer_steps=6)
+SMOKE = DemoSize(synth_preset="tiny", judge_steps=10, encoder_steps=3, tokenizer_steps=6, detokenizer_steps=2,
+                 lm_steps=2, eval_images=4, t2i_prompts=2)  # fmt: skip
 
 
 @dataclass
@@ -109,12 +117,59 @@ def _tokenizer_stage(run_dir: Path, folder: Path, size: DemoSize) -> dict[str, A
     return tokenizer_stats(Tokenizer.from_pretrained(folder), images, records, progress=True)
 
 
+def _detokenizer_stage(run_dir: Path, folder: Path, size: DemoSize) -> dict[str, Any]:
+    from vlpretrain.eval.reconstruction import run as reconstruction_eval
+
+    _train_stage(folder, {
+        "task": "lavit-detokenizer", "model_preset": "tiny", "model": {"tokenizer": str(run_dir / "tokenizer")},
+        "data": {"train": str(run_dir / "data" / "train"), "batch_size": 32, "num_workers": 1},
+        **DETOKENIZER_RECIPE, "steps": size.detokenizer_steps,
+    })  # fmt: skip
+    return reconstruction_eval(folder, run_dir / "data" / "test", run_dir / "judge", limit=size.eval_images,
+                               grid=folder / "reconstructions.png")  # fmt: skip
+
+
+def _lm_stage(run_dir: Path, folder: Path, size: DemoSize) -> dict[str, Any]:
+    from vlpretrain.eval.lm_quality import run as lm_eval
+
+    data = run_dir / "data"
+    _train_stage(folder, {
+        "task": "lavit-lm", "model_preset": "tiny",
+        "model": {"tokenizer": str(run_dir / "tokenizer"), "detokenizer": str(run_dir / "detokenizer")},
+        "data": {"train": str(data / "train"), "batch_size": 32, "num_workers": 1},
+        **LM_RECIPE, "steps": size.lm_steps,
+    })  # fmt: skip
+    return lm_eval(folder, data / "test", run_dir / "judge", detokenizer=run_dir / "detokenizer",
+                   limit=size.eval_images, t2i_limit=size.t2i_prompts, out=folder / "eval")  # fmt: skip
+
+
+def _train_stage(folder: Path, config: dict[str, Any]) -> None:
+    """Train (resuming from the stage folder's checkpoints) the run described by ``config`` into ``folder``."""
+    from vlpretrain.configs import from_dict
+    from vlpretrain.train.config import TrainConfig
+    from vlpretrain.train.loop import train
+
+    train(from_dict(TrainConfig, {**config, "out_dir": str(folder)}), resume=True)
+
+
 # The demo's tokenizer recipe (also what docs/lavit.md reports): the 10-minute CPU budget of the tiny preset.
 TOKENIZER_RECIPE: dict[str, Any] = {
     "optim": {"lr": 1e-3, "weight_decay": 0.01, "betas": [0.9, 0.99]},
     "schedule": {"warmup_steps": 50},
     "checkpoint": {"every": 200, "keep_last": 1},
     "log": {"every": 20},
+}
+DETOKENIZER_RECIPE: dict[str, Any] = {
+    "optim": {"lr": 1e-3, "weight_decay": 0.01, "betas": [0.9, 0.99]},
+    "schedule": {"warmup_steps": 30},
+    "checkpoint": {"every": 100, "keep_last": 1},
+    "log": {"every": 10},
+}
+LM_RECIPE: dict[str, Any] = {
+    "optim": {"lr": 2e-3, "lr_groups": {"visual.": 3e-3}, "weight_decay": 0.1, "betas": [0.9, 0.95], "eps": 1e-6},
+    "schedule": {"warmup_steps": 30},
+    "checkpoint": {"every": 100, "keep_last": 1},
+    "log": {"every": 10},
 }
 ENCODER_FILE = "vit.safetensors"
 
@@ -123,6 +178,8 @@ STAGES = [
     Stage("judge", _judge_stage),
     Stage("encoder", _encoder_stage),
     Stage("tokenizer", _tokenizer_stage),
+    Stage("detokenizer", _detokenizer_stage),
+    Stage("lm", _lm_stage),
 ]
 
 

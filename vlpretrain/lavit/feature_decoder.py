@@ -7,7 +7,8 @@ Linear -> Tanh -> Linear -> the reconstruction [B, N, D_out] of the frozen encod
 reconstruction to the diffusion decoder's conditioning width (the detokenizer uses it).
 
 Deliberate difference: the official constructor starts ``pos_embed`` and ``query_embed`` at zero, which makes all
-queries identical at initialisation; training from scratch here initialises them with N(0, 0.02) (documented).
+queries identical at initialisation; training from scratch here initialises them at random, N(0, 0.02) (``official``)
+or with unit variance and fan-in-scaled Linear weights (``fan_in``, the default; see :meth:`init_weights`).
 
 Shape letters: B images, K codes per image (padded), N patches, C code dim, D width.
 """
@@ -70,10 +71,23 @@ class FeatureDecoder(nn.Module):
         self.unet_proj = nn.Linear(out_dim, unet_dim)
         self.init_weights()
 
-    def init_weights(self) -> None:
+    def init_weights(self, scheme: str = "official") -> None:
+        """``official``: trunc-normal(0.02) Linear weights, N(0, 0.02) positions and queries. ``fan_in``: Linear
+        weights N(0, 1 / fan_in) and unit-variance positions and queries, so that from the first step the queries'
+        attention over the codes has scores of order 1 and can learn which code to read (see TokenizerConfig)."""
+        if scheme == "official":
+            self.apply(init_linear_and_norm)
+            nn.init.trunc_normal_(self.pos_embed, std=0.02)
+            nn.init.trunc_normal_(self.query_embed, std=0.02)
+            return
+        if scheme != "fan_in":
+            raise ValueError(f"decoder init: unknown scheme {scheme!r} (official, fan_in)")
         self.apply(init_linear_and_norm)
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        nn.init.trunc_normal_(self.query_embed, std=0.02)
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, std=module.weight.shape[1] ** -0.5)
+        nn.init.normal_(self.pos_embed, std=1.0)
+        nn.init.normal_(self.query_embed, std=1.0)
 
     def forward(self, codes_BKC: Tensor, valid_BK: Tensor) -> Tensor:
         """Codes [B, K, C] (padding rows ignored via ``valid`` [B, K]) -> reconstructed features [B, N, D_out]."""

@@ -53,6 +53,11 @@ class TokenizerConfig:
             ~1e-6 leak); "dense" runs the official all-rows algorithm (bit-for-bit official codes, ~3x slower).
         policy_decoder: in training, decode all rows with the keep mask as attention policy, so that the selector
             learns from each token's use to the reconstruction (False: the decoder sees the kept rows only).
+        decoder_init: how the feature decoder starts (:meth:`FeatureDecoder.init_weights`). With ``official``
+            (trunc-normal 0.02, near-zero positions and queries) the learned queries' attention over the codes
+            starts uniform and stays so for hundreds of steps at small widths: every query reads the image mean.
+            ``fan_in`` gives the attention scores unit scale from the start (measured at D = 128 with all patches
+            kept: held-out reconstruction cosine 0.70 after 200 steps with ``official``, 0.91 with ``fan_in``).
         calibrate_threshold: in training, track the log-odds threshold at which deterministic keep decisions keep
             as many patches as the Gumbel samples (see :class:`TokenSelector`); False: p_keep > 0.5.
     """
@@ -77,6 +82,7 @@ class TokenizerConfig:
     eval_merger: Literal["kept", "dense"] = "kept"
     policy_decoder: bool = True
     calibrate_threshold: bool = True
+    decoder_init: Literal["official", "fan_in"] = "fan_in"
 
     def __post_init__(self) -> None:
         if not 0 < self.rho <= 1:
@@ -121,6 +127,7 @@ class DynamicTokenizer(nn.Module):
         )
         self.decoder = FeatureDecoder(cfg.code_dim, dim, cfg.decoder_depth, cfg.heads, hidden,
                                       self.encoder.num_patches, dim, cfg.unet_dim)  # fmt: skip
+        self.decoder.init_weights(cfg.decoder_init)
         self.register_buffer("train_calls", torch.zeros((), dtype=torch.long))
         self.encode_task_layer.apply(init_linear_and_norm)
 
