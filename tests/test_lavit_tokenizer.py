@@ -123,8 +123,8 @@ def test_policy_decoder_gives_every_keep_decision_a_gradient(images) -> None:
     assert (grad[keep.bool()] != 0).float().mean() > 0.9 and (grad[~keep.bool()] != 0).float().mean() > 0.9
 
 
-def test_deterministic_threshold_calibrates_to_the_sampled_keep_ratio(images) -> None:
-    tok = tiny().train()
+def test_deterministic_threshold_calibrates_to_the_target_ratio(images) -> None:
+    tok = tiny(rho=0.3).train()
     x = tok.encoder(images)
     with torch.no_grad():  # a selector whose p_keep is at most ~0.4: p > 0.5 would keep nothing
         last = tok.token_predictor.out_conv[-2]
@@ -136,7 +136,7 @@ def test_deterministic_threshold_calibrates_to_the_sampled_keep_ratio(images) ->
     for _ in range(300):
         sampled = tok.keep_mask(x).mean()
     kept = tok.eval().keep_mask(x).mean()
-    assert 0.2 < float(sampled) < 0.4 and abs(float(kept) - 0.3) < 0.08
+    assert float(sampled) < 0.4 and abs(float(kept) - 0.3) < 0.05
     assert float(tok.token_predictor.keep_threshold) < 0  # below p = 0.5
     frozen = tiny(calibrate_threshold=False).train()
     frozen.keep_mask(x)

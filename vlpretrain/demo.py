@@ -154,7 +154,7 @@ def _train_stage(folder: Path, config: dict[str, Any]) -> None:
 
 # The demo's tokenizer recipe (also what docs/lavit.md reports): the 10-minute CPU budget of the tiny preset.
 TOKENIZER_RECIPE: dict[str, Any] = {
-    "optim": {"lr": 1e-3, "weight_decay": 0.01, "betas": [0.9, 0.99]},
+    "optim": {"lr": 2e-3, "weight_decay": 0.01, "betas": [0.9, 0.99]},
     "schedule": {"warmup_steps": 50},
     "checkpoint": {"every": 200, "keep_last": 1},
     "log": {"every": 20},

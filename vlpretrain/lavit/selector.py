@@ -25,8 +25,9 @@ class TokenSelector(nn.Module):
 
     ``keep_threshold`` (a buffer, not in the official checkpoint) is the log-odds above which the deterministic mode
     keeps a patch. It starts at 0 (p_keep > 0.5) and, with ``calibrate``, training tracks it as a running estimate
-    (like BatchNorm's statistics) of the log-odds quantile at which the hard threshold keeps as many patches as the
-    Gumbel samples do, so deterministic tokenising keeps the trained ratio while ranking patches by p_keep.
+    (like BatchNorm's statistics) of the log-odds quantile at which the hard threshold keeps the target fraction of
+    the training patches: deterministic tokenising then keeps rho on average, and more patches in images whose
+    patches the selector rates higher (a threshold shared by all images, not a per-image top-k).
     """
 
     def __init__(self, dim: int, calibration_momentum: float = 0.02) -> None:

@@ -59,7 +59,7 @@ class TokenizerConfig:
             ``fan_in`` gives the attention scores unit scale from the start (measured at D = 128 with all patches
             kept: held-out reconstruction cosine 0.70 after 200 steps with ``official``, 0.91 with ``fan_in``).
         calibrate_threshold: in training, track the log-odds threshold at which deterministic keep decisions keep
-            as many patches as the Gumbel samples (see :class:`TokenSelector`); False: p_keep > 0.5.
+            the fraction ``rho`` of the training patches (see :class:`TokenSelector`); False: p_keep > 0.5.
     """
 
     encoder: EncoderSpec = field(default_factory=lambda: EncoderSpec(kind="eva", preset="tiny"))
@@ -71,7 +71,7 @@ class TokenizerConfig:
     code_dim: int = 32
     unet_dim: int = 64
     rho: float = 1 / 3
-    ratio_per_image: bool = False
+    ratio_per_image: bool = True
     ratio_weight: float = 2.0
     commit_weight: float = 1.0
     quant_warmup_steps: int = 100
@@ -138,14 +138,14 @@ class DynamicTokenizer(nn.Module):
     def keep_mask(self, x_BND: Tensor) -> Tensor:
         """Keep decisions [B, N] (float 0/1): Gumbel straight-through in training, else :meth:`inference_keep`.
 
-        In training with ``calibrate_threshold`` the selector's deterministic threshold follows the samples.
+        In training with ``calibrate_threshold`` the selector's deterministic threshold is calibrated to ``rho``.
         """
         logp_BN2 = self.token_predictor(x_BND)
         if not self.training:
             return self.inference_keep(logp_BN2)
         keep_BN = keep_decision(logp_BN2, "gumbel")
         if self.cfg.calibrate_threshold:
-            self.token_predictor.calibrate(logp_BN2, float(keep_BN.detach().mean()))
+            self.token_predictor.calibrate(logp_BN2, self.cfg.rho)
         return keep_BN
 
     def inference_keep(self, logp_BN2: Tensor) -> Tensor:
