@@ -21,6 +21,12 @@ def test_demo_smoke_runs_every_stage_and_resumes(tmp_path: Path, capsys) -> None
     assert "agree_mean" in metrics["detokenizer"] and (tmp_path / "detokenizer" / "reconstructions.png").exists()
     assert {"caption_attr_f1", "vqa_accuracy", "t2i_prompt_match"} <= set(metrics["lm"])
     assert (tmp_path / "lm" / "eval" / "samples.json").exists()
+    report = (tmp_path / "report.html").read_text()
+    assert metrics["report"]["report"] == str(tmp_path / "report.html")
+    for section in ("metrics", "complexity", "keep-masks", "samples", "reconstructions", "text-to-image", "training",
+                    "data"):  # fmt: skip
+        assert f'<section id="{section}">' in report
+    assert report.count("data:image/png;base64,") >= 5 and "<svg" in report and "not available" not in report
     capsys.readouterr()
     again = run_demo(tmp_path, SMOKE)
     assert json.dumps(again, sort_keys=True) == json.dumps(metrics, sort_keys=True)  # NaN-safe comparison

@@ -13,7 +13,6 @@ except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.0.0+local"
 
 
-
 def list_models() -> list[str]:
     """Every registered model as ``task/preset`` (e.g. ``text-lm/tiny``)."""
     from vlpretrain.train.task import list_models as _list_models

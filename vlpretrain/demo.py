@@ -8,10 +8,10 @@ Stages, each in its own folder under the run folder and skipped when already fin
 4. ``tokenizer``  train LaVIT's dynamic tokenizer through the shared loop and evaluate it on the test split;
 5. ``detokenizer`` train the diffusion decoder on the frozen tokenizer; the judge scores test reconstructions;
 6. ``lm``         train the unified LM; captions, VQA and text-to-image on the test split, scored against the
-                  ground truth and by the judge.
+                  ground truth and by the judge;
+7. ``report``     write ``report.html``, one self-contained page of every stage's results (:mod:`vlpretrain.report`).
 
 ``metrics.json`` in the run folder collects every stage's numbers; a summary table is printed at the end.
-The HTML report joins this list when it lands.
 """
 
 from __future__ import annotations
@@ -143,6 +143,12 @@ def _lm_stage(run_dir: Path, folder: Path, size: DemoSize) -> dict[str, Any]:
                    limit=size.eval_images, t2i_limit=size.t2i_prompts, out=folder / "eval")  # fmt: skip
 
 
+def _report_stage(run_dir: Path, folder: Path, size: DemoSize) -> dict[str, Any]:
+    from vlpretrain.report import write_report
+
+    return {"report": str(write_report(run_dir, limit=size.eval_images))}
+
+
 def _train_stage(folder: Path, config: dict[str, Any]) -> None:
     """Train (resuming from the stage folder's checkpoints) the run described by ``config`` into ``folder``."""
     from vlpretrain.configs import from_dict
@@ -180,6 +186,7 @@ STAGES = [
     Stage("tokenizer", _tokenizer_stage),
     Stage("detokenizer", _detokenizer_stage),
     Stage("lm", _lm_stage),
+    Stage("report", _report_stage),
 ]
 
 

@@ -45,7 +45,8 @@ FORMATS = (".safetensors", ".bin")  # the first one present is read
 CODEBOOK_KEY = "tokenizer.quantize.embedding.weight"
 # Our state that the official files do not hold: set by the converter, not loaded.
 OURS_ONLY = frozenset(
-    f"tokenizer.{name}" for name in (
+    f"tokenizer.{name}"
+    for name in (
         "train_calls",
         "token_predictor.keep_threshold",
         "quantize.ema_count",
