@@ -30,7 +30,7 @@ class TokenSelector(nn.Module):
     patches the selector rates higher (a threshold shared by all images, not a per-image top-k).
     """
 
-    def __init__(self, dim: int, calibration_momentum: float = 0.02) -> None:
+    def __init__(self, dim: int, calibration_momentum: float = 0.2) -> None:
         super().__init__()
         self.calibration_momentum = calibration_momentum
         self.register_buffer("keep_threshold", torch.zeros(()))
