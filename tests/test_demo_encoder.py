@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -148,8 +149,10 @@ def test_evaluation_accepts_the_loaded_encoder(short_run, tmp_path: Path) -> Non
 
 @pytest.mark.slow
 def test_default_pretraining_reaches_high_patch_accuracy() -> None:
-    vit, metrics = pretrain_demo_encoder(get_preset("demo-encoder", "tiny"), SYNTH, progress=False)
+    # no time limit: all 600 steps whatever the load, so the result does not depend on the machine's business
+    cfg = dataclasses.replace(get_preset("demo-encoder", "tiny"), time_limit_s=0.0)
+    vit, metrics = pretrain_demo_encoder(cfg, SYNTH, progress=False)
     print(metrics)
-    assert metrics["shape_acc"] >= 0.9 and metrics["color_acc"] >= 0.9
+    assert metrics["steps"] == 600
+    assert metrics["shape_acc"] >= 0.9 and metrics["color_acc"] >= 0.9 and metrics["position_acc"] >= 0.95
     assert metrics["background_acc"] >= 0.95
-    assert metrics["data_s"] + metrics["train_s"] < 180
