@@ -173,7 +173,7 @@ def test_seeded_sampling_is_deterministic(detok_dir: Path) -> None:
     one_by_one = detok.decode(ids, steps=3, guidance_scale=2.0, seed=7, batch_size=1)
     assert (first - one_by_one).abs().max() < 5e-3  # the same noise per image; only float rounding differs
     separate = detok.decode(ids, steps=3, guidance_scale=2.0, seed=7, batched_cfg=False)
-    assert (first - separate).abs().max() < 1e-3
+    assert (first - separate).abs().max() < 5e-3  # the guided difference amplifies fp32 rounding
 
 
 def test_a_tiny_model_learns(shapes_data: Path) -> None:
