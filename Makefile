@@ -17,8 +17,8 @@ report-deps:
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 		echo 'installing chromium (Debian package) for the report rendering test'; \
 		export DEBIAN_FRONTEND=noninteractive; \
-		{ apt-get install -y -q --no-install-recommends chromium >/dev/null 2>&1 \
-			|| { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q --no-install-recommends chromium >/dev/null; }; } \
+		{ timeout 300 apt-get install -y -q --no-install-recommends chromium >/dev/null 2>&1 \
+			|| { timeout 300 apt-get update -q >/dev/null 2>&1 && timeout 300 apt-get install -y -q --no-install-recommends chromium >/dev/null; }; } \
 			|| echo 'note: apt-get install chromium failed; the report rendering test will be skipped'; \
 	else echo 'note: chromium missing (needs root and apt-get to install); the report rendering test will be skipped'; fi
 
