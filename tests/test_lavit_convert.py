@@ -213,7 +213,7 @@ def test_every_official_key_lands_where_the_table_says(converted, official) -> N
         for key, value in sd.items():
             if key.startswith("vit_proj."):
                 continue
-            rule = max((r for r in KEY_RULES if r.file == stem and key.startswith(r.official)),
+            rule = max((r for r in KEY_RULES if r.source == stem and key.startswith(r.official)),
                        key=lambda r: len(r.official))  # fmt: skip
             mapped = ours[rule.ours + key[len(rule.official) :]]
             if key == "quantize.embedding.weight":  # re-normalised in fp32 by load_official: last-bit changes

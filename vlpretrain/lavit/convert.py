@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from vlpretrain.configs import ConfigError, apply_overrides
+from vlpretrain.core.key_rules import KeyRule, official_name, our_key, rule_for
 from vlpretrain.core.vit import read_state_dict
 from vlpretrain.errors import UserError
 from vlpretrain.lavit.tokenizer import TokenizerConfig
@@ -55,18 +55,6 @@ OURS_ONLY = frozenset(
     )
 )
 _MAX_LISTED = 8
-
-
-@dataclass(frozen=True)
-class KeyRule:
-    """Official keys of ``file`` that start with ``official`` become ``ours + rest`` in the task's state dict.
-
-    ``ours = None`` marks keys that are known and intentionally not used by the tokenizer.
-    """
-
-    file: str
-    official: str
-    ours: str | None
 
 
 KEY_RULES: tuple[KeyRule, ...] = (
@@ -164,20 +152,6 @@ def _official_files(official_dir: Path) -> dict[str, Path]:
     return found
 
 
-def _rule_for_official(file: str, key: str) -> KeyRule | None:
-    rules = [r for r in KEY_RULES if r.file == file and key.startswith(r.official)]
-    return max(rules, key=lambda r: len(r.official), default=None)
-
-
-def _official_name(ours: str) -> tuple[str, str]:
-    """(file stem, official key) that our key ``ours`` is read from."""
-    rules = [r for r in KEY_RULES if r.ours is not None and ours.startswith(r.ours)]
-    if not rules:
-        raise RuntimeError(f"converter bug: no rule gives the model key {ours}")
-    rule = max(rules, key=lambda r: len(r.ours or ""))
-    return rule.file, rule.official + ours[len(rule.ours or "") :]
-
-
 def _map_official(files: dict[str, Path], expected: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """Read every file and map its keys; returns (our key -> tensor cast to the model's dtype, report)."""
     state: dict[str, Tensor] = {}
@@ -191,11 +165,11 @@ def _map_official(files: dict[str, Path], expected: dict[str, Tensor]) -> tuple[
         for key in list(source):
             value = source.pop(key)  # frees the file's copy as soon as it is cast
             dtypes.add(str(value.dtype).removeprefix("torch."))
-            rule = _rule_for_official(stem, key)
+            rule = rule_for(KEY_RULES, stem, key)
             if rule is not None and rule.ours is None:
                 unused.append(key)
                 continue
-            ours = rule.ours + key[len(rule.official) :] if rule is not None else None
+            ours = our_key(rule, key) if rule is not None else None
             if ours not in expected:
                 unexpected.append(key)
                 continue
@@ -211,7 +185,7 @@ def _map_official(files: dict[str, Path], expected: dict[str, Tensor]) -> tuple[
     missing: dict[str, list[str]] = {}
     for ours in expected:
         if ours not in provided:
-            stem, official = _official_name(ours)
+            stem, official = official_name(KEY_RULES, ours)
             missing.setdefault(stem, []).append(official)
     for stem, keys in missing.items():
         problems[stem].insert(0, f"missing keys {_listed(keys)}")

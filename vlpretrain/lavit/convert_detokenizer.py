@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 from vlpretrain.configs import ConfigError
+from vlpretrain.core.key_rules import KeyRule, official_name, our_key, rule_for
 from vlpretrain.core.vit import read_state_dict
 from vlpretrain.errors import UserError
 from vlpretrain.lavit.detokenizer import DetokenizerConfig, DiffusionDecoder, projection_names
@@ -51,16 +52,6 @@ FEATURE_DECODER_PREFIXES = ("in_proj.", "pos_embed", "query_embed", "blocks.", "
 LEGACY_VAE_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 PREFIX = "detokenizer."  # the decoder's place in the task's state dict
 _MAX_LISTED = 8
-
-
-@dataclass(frozen=True)
-class KeyRule:
-    """Keys of the source ``part`` that start with ``official`` become ``ours + rest``; ``ours = None``: known,
-    intentionally unused."""
-
-    part: str
-    official: str
-    ours: str | None
 
 
 KEY_RULES: tuple[KeyRule, ...] = (
@@ -204,20 +195,6 @@ def config_from_sources(
     return cfg, ignored
 
 
-def _rule_for(part: str, key: str) -> KeyRule | None:
-    rules = [r for r in KEY_RULES if r.part == part and key.startswith(r.official)]
-    return max(rules, key=lambda r: len(r.official), default=None)
-
-
-def _official_name(ours: str) -> tuple[str, str]:
-    """(part, official key) that our key ``ours`` is read from."""
-    rules = [r for r in KEY_RULES if r.ours is not None and ours.startswith(r.ours)]
-    if not rules:
-        raise RuntimeError(f"converter bug: no rule gives the model key {ours}")
-    rule = max(rules, key=lambda r: len(r.ours or ""))
-    return rule.part, rule.official + ours[len(rule.ours or "") :]
-
-
 def map_keys(sources: Sources, expected: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """Map every source key by :data:`KEY_RULES`; returns (our key -> tensor in the model's dtype, report)."""
     state: dict[str, Tensor] = {}
@@ -229,11 +206,11 @@ def map_keys(sources: Sources, expected: dict[str, Tensor]) -> tuple[dict[str, T
         unexpected, mismatched = [], []
         for key, value in source.items():
             dtypes.add(str(value.dtype).removeprefix("torch."))
-            rule = _rule_for(part, key)
+            rule = rule_for(KEY_RULES, part, key)
             if rule is not None and rule.ours is None:
                 unused[rule.official] = unused.get(rule.official, 0) + 1
                 continue
-            ours = rule.ours + key[len(rule.official) :] if rule is not None else None
+            ours = our_key(rule, key) if rule is not None else None
             if ours not in expected:
                 unexpected.append(key)
                 continue
@@ -247,7 +224,7 @@ def map_keys(sources: Sources, expected: dict[str, Tensor]) -> tuple[dict[str, T
     missing: dict[str, list[str]] = {}
     for ours in expected:
         if ours not in provided:
-            part, official = _official_name(ours)
+            part, official = official_name(KEY_RULES, ours)
             missing.setdefault(part, []).append(official)
     for part, keys in missing.items():
         problems.setdefault(part, []).insert(0, f"missing keys {_listed(keys)}")

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +29,7 @@ import torch
 from torch import Tensor
 
 from vlpretrain.configs import get_preset
+from vlpretrain.core.key_rules import KeyRule, our_key, rule_for
 from vlpretrain.core.llm import LlamaSpec
 from vlpretrain.core.vit import read_state_dict
 from vlpretrain.errors import UserError
@@ -50,15 +50,6 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 _MAX_LISTED = 8
 
 
-@dataclass(frozen=True)
-class KeyRule:
-    """Keys of ``file`` ("llm" or "visual") starting with ``official`` become ``ours + rest`` (None = known, unused)."""
-
-    file: str
-    official: str
-    ours: str | None
-
-
 KEY_RULES: tuple[KeyRule, ...] = (
     KeyRule("llm", "", "lm."),
     KeyRule("llm", "model.rotary_emb.inv_freq", None),  # a buffer older transformers saved; recomputed here
@@ -68,10 +59,9 @@ KEY_RULES: tuple[KeyRule, ...] = (
 
 
 def _rule(file: str, key: str) -> KeyRule | None:
-    rules = [r for r in KEY_RULES if r.file == file and key.startswith(r.official)]
     if file == "llm" and key.endswith("self_attn.rotary_emb.inv_freq"):
         return KeyRule("llm", key, None)  # the per-layer form of the same buffer
-    return max(rules, key=lambda r: len(r.official), default=None)
+    return rule_for(KEY_RULES, file, key)
 
 
 def llm_spec(config_file: Path) -> LlamaSpec:
@@ -152,7 +142,7 @@ def _map(sources: dict[str, tuple[Path, dict[str, Tensor]]], expected: dict[str,
             if rule is not None and rule.ours is None:
                 unused.append(key)
                 continue
-            ours = rule.ours + key[len(rule.official) :] if rule is not None else None
+            ours = our_key(rule, key) if rule is not None else None
             if ours not in expected:
                 unexpected.append(key)
             elif value.shape != expected[ours].shape:
