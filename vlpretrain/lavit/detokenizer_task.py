@@ -28,11 +28,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from vlpretrain.configs import get_preset, register_preset, to_dict
+from vlpretrain.configs import register_preset, to_dict
 from vlpretrain.data.shards import collate_pairs, decode_pair
 from vlpretrain.errors import UserError
 from vlpretrain.lavit.detokenizer import DetokenizerConfig, DiffusionDecoder
 from vlpretrain.lavit.tokenizer import DynamicTokenizer
+from vlpretrain.lavit.tokenizer_task import load_frozen_tokenizer
 from vlpretrain.train.pretrained import load_weights, resolve_checkpoint
 from vlpretrain.train.task import model_config_from_dict
 
@@ -137,20 +138,6 @@ def tokenizer_digest(tokenizer: DynamicTokenizer) -> Tensor:
     return torch.frombuffer(bytearray(sha.digest()), dtype=torch.uint8).clone()
 
 
-def load_tokenizer(cfg: DetokenizerConfig) -> DynamicTokenizer:
-    """The tokenizer ``cfg.tokenizer`` names (a random ``cfg.tokenizer_preset`` one when it is empty)."""
-    if not cfg.tokenizer:
-        import vlpretrain.lavit.tokenizer_task  # noqa: F401  (registers the lavit-tokenizer presets)
-
-        return DynamicTokenizer(get_preset("lavit-tokenizer", cfg.tokenizer_preset))
-    from vlpretrain.train.pretrained import load_task
-
-    if not Path(cfg.tokenizer).exists():
-        raise UserError(f"model.tokenizer: {cfg.tokenizer}: no such tokenizer folder")
-    task, _ = load_task(cfg.tokenizer, expect_task="lavit-tokenizer")
-    return task.tokenizer
-
-
 class LavitDetokenizerTask(nn.Module):
     """The detokenizer stage for the training loop; one target = one image.
 
@@ -167,7 +154,7 @@ class LavitDetokenizerTask(nn.Module):
         self.cfg = cfg
         self.detokenizer = DiffusionDecoder(cfg)
         self.register_buffer("tokenizer_digest", torch.zeros(DIGEST_BYTES, dtype=torch.uint8))
-        tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg)
+        tokenizer = tokenizer if tokenizer is not None else load_frozen_tokenizer(cfg.tokenizer, cfg.tokenizer_preset)
         self._check_pairing(tokenizer)
         tokenizer.eval().requires_grad_(False)
         self._frozen = (tokenizer,)  # a tuple keeps it out of the module tree (see the module docstring)
@@ -307,7 +294,6 @@ def save_detokenizer(decoder: DiffusionDecoder, out_dir: str | Path, extra: dict
 __all__ = [
     "LavitDetokenizerTask",
     "load_detokenizer",
-    "load_tokenizer",
     "paper_highres",
     "save_detokenizer",
     "tokenizer_digest",

@@ -23,19 +23,19 @@ import copy
 import functools
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from vlpretrain.configs import ConfigError, get_preset
+from vlpretrain.configs import ConfigError
 from vlpretrain.core.llm import LlamaSpec, build_llama
 from vlpretrain.core.text_tokenizer import load_text_tokenizer
 from vlpretrain.errors import UserError
 from vlpretrain.lavit.merger import TokenMerger
 from vlpretrain.lavit.tokenizer import DynamicTokenizer
+from vlpretrain.lavit.tokenizer_task import load_frozen_tokenizer
 from vlpretrain.lavit.vocab import VisualVocab
 
 DIGEST_BYTES = 32
@@ -100,20 +100,6 @@ def text_tokenizer_for(spec: str) -> Any:
     if spec in _BUILTIN_TEXT_TOKENIZERS:
         return copy.deepcopy(_builtin_text_tokenizer(spec))
     return load_text_tokenizer(spec)
-
-
-def frozen_tokenizer(cfg: LavitLMConfig) -> DynamicTokenizer:
-    """The tokenizer ``cfg.tokenizer`` names, or a random ``cfg.tokenizer_preset`` one when it is empty."""
-    if not cfg.tokenizer:
-        import vlpretrain.lavit.tokenizer_task  # noqa: F401  (registers the lavit-tokenizer presets)
-
-        return DynamicTokenizer(get_preset("lavit-tokenizer", cfg.tokenizer_preset))
-    from vlpretrain.train.pretrained import load_task
-
-    if not Path(cfg.tokenizer).exists():
-        raise UserError(f"model.tokenizer: {cfg.tokenizer}: no such tokenizer folder")
-    task, _ = load_task(cfg.tokenizer, expect_task="lavit-tokenizer")
-    return task.tokenizer
 
 
 def spec_from_hf_config(config: LlamaConfig, path: str = "", where: str = "llm.path") -> LlamaSpec:
@@ -217,7 +203,7 @@ class LavitLM(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.text_tokenizer = text_tokenizer_for(cfg.text_tokenizer)
-        tokenizer = tokenizer if tokenizer is not None else frozen_tokenizer(cfg)
+        tokenizer = tokenizer if tokenizer is not None else load_frozen_tokenizer(cfg.tokenizer, cfg.tokenizer_preset)
         tokenizer.eval().requires_grad_(False)
         self._frozen = (tokenizer,)  # a tuple keeps it out of the module tree: not trained, saved or wrapped
         self.vocab = VisualVocab(len(self.text_tokenizer), tokenizer.cfg.codebook_size)
@@ -323,6 +309,5 @@ __all__ = [
     "VisualInput",
     "build_language_model",
     "extend_vocabulary",
-    "frozen_tokenizer",
     "text_tokenizer_for",
 ]

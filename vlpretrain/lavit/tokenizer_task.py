@@ -9,13 +9,15 @@ and 12 decoder blocks, 16 heads, K = 16384 codes of 32 dims). The frozen encoder
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 from typing import Any
 
 from torch import Tensor, nn
 
-from vlpretrain.configs import register_preset
+from vlpretrain.configs import get_preset, register_preset
 from vlpretrain.core.encoders import EncoderSpec
 from vlpretrain.data.shards import collate_pairs, decode_pair
+from vlpretrain.errors import UserError
 from vlpretrain.lavit.tokenizer import DynamicTokenizer, TokenizerConfig
 
 
@@ -35,6 +37,19 @@ def tokenizer_paper() -> TokenizerConfig:
     return TokenizerConfig(encoder=EncoderSpec(kind="eva", preset="eva-g-14"), merger_depth=12, decoder_depth=12,
                            heads=16, mlp_ratio=4.3637, codebook_size=16384, code_dim=32, unet_dim=768,
                            quant_warmup_steps=2000)  # fmt: skip
+
+
+def load_frozen_tokenizer(path: str, preset: str = "tiny") -> DynamicTokenizer:
+    """The trained tokenizer in the ``lavit-tokenizer`` folder ``path``, or a random ``preset`` one when it is empty
+    (tests); the later stages (detokenizer, unified LM) read their frozen tokenizer through this."""
+    if not path:
+        return DynamicTokenizer(get_preset("lavit-tokenizer", preset))
+    from vlpretrain.train.pretrained import load_task
+
+    if not Path(path).exists():
+        raise UserError(f"model.tokenizer: {path}: no such tokenizer folder")
+    task, _ = load_task(path, expect_task="lavit-tokenizer")
+    return task.tokenizer
 
 
 class LavitTokenizerTask(nn.Module):
