@@ -105,6 +105,12 @@ def policy_softmax(scores: Tensor, allowed: Tensor, eps: float = 1e-6) -> Tensor
     return (e + eps / S) / (e.sum(dim=-1, keepdim=True) + eps)
 
 
+def policy_attention(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor) -> Tensor:
+    """Attention of heads q [B, H, L, E] over k, v [B, H, S, E] with :func:`policy_softmax` weights -> [B, L, H*E]."""
+    scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5  # (B, H, L, S)
+    return merge_heads(policy_softmax(scores, allowed).to(v.dtype) @ v)
+
+
 def expand_mask(mask: Tensor) -> Tensor:
     """[B, S] -> [B, 1, 1, S] for broadcasting over heads and queries."""
     return mask[:, None, None, :]
@@ -117,6 +123,7 @@ __all__ = [
     "expand_mask",
     "init_linear_and_norm",
     "merge_heads",
+    "policy_attention",
     "policy_softmax",
     "split_heads",
 ]

@@ -24,8 +24,7 @@ from vlpretrain.core.attention import (
     SelfAttention,
     expand_mask,
     init_linear_and_norm,
-    merge_heads,
-    policy_softmax,
+    policy_attention,
 )
 
 
@@ -50,9 +49,7 @@ class DecoderBlock(nn.Module):
         """The block with every code row present and weighted by ``keep_BS`` (float 0/1, may carry gradients)."""
         q_BND = q_BND + self.self_attn(self.norm0(q_BND))
         q, k, v = self.cross_attn.project(self.norm1(q_BND), codes_BSD)
-        scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5  # (B, H, N, S)
-        weights = policy_softmax(scores, expand_mask(keep_BS)).to(v.dtype)
-        q_BND = q_BND + self.cross_attn.proj(merge_heads(weights @ v))
+        q_BND = q_BND + self.cross_attn.proj(policy_attention(q, k, v, expand_mask(keep_BS)))
         return q_BND + self.mlp(self.norm2(q_BND))
 
 

@@ -29,7 +29,7 @@ from vlpretrain.core.attention import (
     expand_mask,
     init_linear_and_norm,
     merge_heads,
-    policy_softmax,
+    policy_attention,
 )
 
 
@@ -59,9 +59,7 @@ class MergerBlock(nn.Module):
 
     @staticmethod
     def _dense_attn(attn: nn.Module, q: Tensor, k: Tensor, v: Tensor, allowed: Tensor) -> Tensor:
-        scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5  # (B, H, N, S)
-        weights = policy_softmax(scores, allowed).to(v.dtype)
-        return attn.proj(merge_heads(weights @ v))
+        return attn.proj(policy_attention(q, k, v, allowed))
 
     def forward_kept(
         self, x_BKD: Tensor, origin_BND: Tensor, self_mask: Tensor, cross_mask: Tensor, none_dropped_B: Tensor
