@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from vlpretrain.cli import main
-from vlpretrain.configs import get_preset
+from vlpretrain.configs import ConfigError, get_preset
 from vlpretrain.data.judge import Judge
 from vlpretrain.data.shards import read_records
 from vlpretrain.errors import UserError
@@ -40,7 +40,8 @@ def micro_unet(**extra: Any) -> dict[str, Any]:
 
 
 def micro(variant: str = "pixel", **fields: Any) -> DetokenizerConfig:
-    """Micro configs: "pixel", "latent" (a 2x VAE), "highres" (pooled + size ids), "negative" (stored uncond)."""
+    """Micro configs: "pixel", "latent" (a 2x VAE), "highres" (pooled + size ids), "negative" (stored uncond),
+    "spatial" (the condition also concatenated to the UNet's input on its patch grid)."""
     base = get_preset("lavit-detokenizer", "tiny")
     kw: dict[str, Any] = {"image_size": SIDE, "unet": micro_unet(), "scheduler": base.scheduler, "sample_steps": 2}
     if variant == "latent":
@@ -54,6 +55,8 @@ def micro(variant: str = "pixel", **fields: Any) -> DetokenizerConfig:
                                 projection_class_embeddings_input_dim=16 + 6 * 4)  # fmt: skip
     if variant == "negative":
         kw["negative_tokens"] = 5
+    if variant == "spatial":
+        kw |= {"spatial_channels": 4, "unet": micro_unet(in_channels=3 + 4)}
     return DetokenizerConfig(**(kw | fields))
 
 
@@ -80,7 +83,7 @@ def task_for(cfg: DetokenizerConfig, seed: int = 0) -> LavitDetokenizerTask:
     return LavitDetokenizerTask(cfg, DynamicTokenizer(tokenizer_config()))
 
 
-@pytest.mark.parametrize("variant", ["pixel", "latent", "highres", "negative"])
+@pytest.mark.parametrize("variant", ["pixel", "latent", "highres", "negative", "spatial"])
 def test_shapes(variant: str) -> None:
     task = task_for(micro(variant, token_positions=variant == "pixel"))
     images = torch.rand(2, 3, SIDE, SIDE)
@@ -91,6 +94,9 @@ def test_shapes(variant: str) -> None:
     assert (cond.pooled_BP is not None) == (variant == "highres")
     if variant == "highres":
         assert cond.pooled_BP.shape == (2, 16)
+    assert (cond.spatial_BCGG is not None) == (variant == "spatial")
+    if variant == "spatial":
+        assert cond.spatial_BCGG.shape == (2, 4, 8, 8)
     loss = task.detokenizer.loss(images, feats)
     assert loss.shape == (2,) and torch.isfinite(loss).all()
     noise = task.detokenizer.initial_noise(2, torch.Generator().manual_seed(0))
@@ -114,7 +120,7 @@ def test_attention_pool_is_the_clip_attention_pool() -> None:
     assert torch.allclose(pool(x), ref[0], atol=1e-6)
 
 
-@pytest.mark.parametrize("variant", ["pixel", "highres", "negative"])
+@pytest.mark.parametrize("variant", ["pixel", "highres", "negative", "spatial"])
 def test_batched_guidance_equals_two_separate_passes(variant: str) -> None:
     task = task_for(micro(variant)).eval()
     dec = task.detokenizer
@@ -131,6 +137,28 @@ def test_batched_guidance_equals_two_separate_passes(variant: str) -> None:
     assert torch.allclose(batched, separate, atol=2e-5)
     assert torch.allclose(batched, uncond + 4.0 * (conditional - uncond), atol=2e-5)
     assert not torch.allclose(uncond, conditional, atol=1e-3)  # the condition matters
+
+
+def test_spatial_condition_lays_each_patch_feature_on_its_grid_cell() -> None:
+    dec = task_for(micro("spatial")).detokenizer
+    feats = torch.randn(1, 64, 128)
+    moved = feats.clone()
+    moved[0, 8 * 3 + 5] += 1.0  # patch (row 3, column 5)
+    diff = (dec.condition(moved).spatial_BCGG - dec.condition(feats).spatial_BCGG).abs().sum(1)[0]
+    assert diff[3, 5] > 0 and diff.sum() == diff[3, 5]
+    x, t = torch.randn(1, 3, SIDE, SIDE), torch.tensor([500])
+    dec.predict(x, t, dec.condition(feats)).square().mean().backward()
+    assert dec.condition.spatial_proj.weight.grad.abs().sum() > 0
+    dropped = dec.drop_condition(dec.condition(torch.randn(100, 64, 128)), 0.5)
+    nulled = (dropped.tokens_BNC == 0).flatten(1).all(1)
+    assert 0 < nulled.sum() < 100 and torch.equal(nulled, (dropped.spatial_BCGG == 0).flatten(1).all(1))
+
+
+def test_spatial_condition_needs_a_square_grid_and_matching_unet_channels() -> None:
+    with pytest.raises(ConfigError, match="unet.in_channels"):
+        micro("spatial", unet=micro_unet())
+    with pytest.raises(ConfigError, match="square patch grid"):
+        micro("spatial", num_patches=60)
 
 
 def test_condition_dropout_replaces_whole_conditions_with_the_null_one() -> None:
