@@ -10,8 +10,9 @@ export HF_HUB_DISABLE_TELEMETRY := 1
 setup: $(STAMP)
 	-@$(MAKE) --no-print-directory report-deps
 
-# Optional: headless Chromium renders the demo report in tests (skipped without it). Installed from Debian when
-# missing and we are root with apt-get (about 20 s); otherwise a note, never a failure.
+# Optional: headless Chromium renders the demo report and drives the web UI (Playwright, `vlpretrain serve`) in tests
+# (skipped without it). Installed from Debian when missing and we are root with apt-get (about 20 s); otherwise a
+# note, never a failure. Playwright uses this system Chromium: no browser is downloaded.
 report-deps:
 	@if command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
@@ -19,8 +20,8 @@ report-deps:
 		export DEBIAN_FRONTEND=noninteractive; \
 		{ timeout 300 apt-get install -y -q --no-install-recommends chromium >/dev/null 2>&1 \
 			|| { timeout 300 apt-get update -q >/dev/null 2>&1 && timeout 300 apt-get install -y -q --no-install-recommends chromium >/dev/null; }; } \
-			|| echo 'note: apt-get install chromium failed; the report rendering test will be skipped'; \
-	else echo 'note: chromium missing (needs root and apt-get to install); the report rendering test will be skipped'; fi
+			|| echo 'note: apt-get install chromium failed; the report and web UI browser tests will be skipped'; \
+	else echo 'note: chromium missing (needs root and apt-get to install); the report and web UI browser tests will be skipped'; fi
 
 # torch first: the pinned CPU wheel. A plain `pip install torch` would pull several GB of CUDA packages.
 $(STAMP): pyproject.toml

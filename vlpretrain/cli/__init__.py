@@ -18,6 +18,7 @@ from vlpretrain.cli.data import app as data_app
 from vlpretrain.cli.eval import app as eval_app
 from vlpretrain.cli.lavit_lm import ask, caption, eval_lm, generate
 from vlpretrain.cli.reconstruct import reconstruct
+from vlpretrain.cli.serve import serve
 from vlpretrain.cli.tokenize import tokenize
 from vlpretrain.cli.train import train
 from vlpretrain.errors import TrainingDiverged
@@ -33,6 +34,7 @@ app.add_typer(data_app, name="data")
 app.command("train")(train)
 app.command("tokenize")(tokenize)
 app.command("reconstruct")(reconstruct)
+app.command("serve")(serve)
 app.command("caption")(caption)
 app.command("ask")(ask)
 app.command("generate")(generate)
