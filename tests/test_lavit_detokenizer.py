@@ -41,7 +41,8 @@ def micro_unet(**extra: Any) -> dict[str, Any]:
 
 def micro(variant: str = "pixel", **fields: Any) -> DetokenizerConfig:
     """Micro configs: "pixel", "latent" (a 2x VAE), "highres" (pooled + size ids), "negative" (stored uncond),
-    "spatial" (the condition also concatenated to the UNet's input on its patch grid)."""
+    "spatial" (the condition also concatenated to the UNet's input on its patch grid), "s2d" (2 x 2 pixel blocks
+    folded into channels, with the spatial condition)."""
     base = get_preset("lavit-detokenizer", "tiny")
     kw: dict[str, Any] = {"image_size": SIDE, "unet": micro_unet(), "scheduler": base.scheduler, "sample_steps": 2}
     if variant == "latent":
@@ -57,6 +58,9 @@ def micro(variant: str = "pixel", **fields: Any) -> DetokenizerConfig:
         kw["negative_tokens"] = 5
     if variant == "spatial":
         kw |= {"spatial_channels": 4, "unet": micro_unet(in_channels=3 + 4)}
+    if variant == "s2d":
+        kw |= {"space_to_depth": 2, "spatial_channels": 4,
+               "unet": micro_unet(sample_size=SIDE // 2, in_channels=12 + 4, out_channels=12)}  # fmt: skip
     return DetokenizerConfig(**(kw | fields))
 
 
@@ -83,7 +87,7 @@ def task_for(cfg: DetokenizerConfig, seed: int = 0) -> LavitDetokenizerTask:
     return LavitDetokenizerTask(cfg, DynamicTokenizer(tokenizer_config()))
 
 
-@pytest.mark.parametrize("variant", ["pixel", "latent", "highres", "negative", "spatial"])
+@pytest.mark.parametrize("variant", ["pixel", "latent", "highres", "negative", "spatial", "s2d"])
 def test_shapes(variant: str) -> None:
     task = task_for(micro(variant, token_positions=variant == "pixel"))
     images = torch.rand(2, 3, SIDE, SIDE)
@@ -94,13 +98,17 @@ def test_shapes(variant: str) -> None:
     assert (cond.pooled_BP is not None) == (variant == "highres")
     if variant == "highres":
         assert cond.pooled_BP.shape == (2, 16)
-    assert (cond.spatial_BCGG is not None) == (variant == "spatial")
-    if variant == "spatial":
+    assert (cond.spatial_BCGG is not None) == (variant in ("spatial", "s2d"))
+    if variant in ("spatial", "s2d"):
         assert cond.spatial_BCGG.shape == (2, 4, 8, 8)
     loss = task.detokenizer.loss(images, feats)
     assert loss.shape == (2,) and torch.isfinite(loss).all()
     noise = task.detokenizer.initial_noise(2, torch.Generator().manual_seed(0))
-    assert noise.shape == ((2, 4, SIDE // 2, SIDE // 2) if variant == "latent" else (2, 3, SIDE, SIDE))
+    want = {"latent": (2, 4, SIDE // 2, SIDE // 2), "s2d": (2, 12, SIDE // 2, SIDE // 2)}.get(variant)
+    assert noise.shape == (want or (2, 3, SIDE, SIDE))
+    if variant == "s2d":  # folding pixels into channels is lossless
+        back = task.detokenizer.to_pixels(task.detokenizer.to_sample_space(images))
+        assert torch.allclose(back, images, atol=1e-6)
     out = task.detokenizer.sample(feats, noise, steps=2, guidance_scale=2.0)
     assert out.shape == (2, 3, SIDE, SIDE) and out.min() >= 0 and out.max() <= 1
 
@@ -159,6 +167,8 @@ def test_spatial_condition_needs_a_square_grid_and_matching_unet_channels() -> N
         micro("spatial", unet=micro_unet())
     with pytest.raises(ConfigError, match="square patch grid"):
         micro("spatial", num_patches=60)
+    with pytest.raises(ConfigError, match="space_to_depth"):
+        micro("latent", space_to_depth=2)
 
 
 def test_condition_dropout_replaces_whole_conditions_with_the_null_one() -> None:
@@ -232,7 +242,7 @@ def test_training_through_the_engine_and_loading(tokenizer_dir: Path, shapes_dat
     cfg = micro(tokenizer=str(tokenizer_dir))
     run = {
         "task": "lavit-detokenizer", "model_preset": "tiny",
-        "model": {k: getattr(cfg, k) for k in ("tokenizer", "image_size", "unet", "sample_steps")},
+        "model": {k: getattr(cfg, k) for k in ("tokenizer", "image_size", "unet", "sample_steps", "spatial_channels", "space_to_depth")},
         "data": {"train": str(shapes_data / "train"), "batch_size": 4, "shuffle_buffer": 0},
         "steps": 2, "log": {"every": 1, "progress": False, "peak_tflops": 1.0}, "out_dir": str(tmp_path / "run"),
         "schedule": {"warmup_steps": 1},

@@ -69,6 +69,9 @@ class DetokenizerConfig:
             = Z + C_s). Not in the official model (cross-attention only); the tiny presets use it because a small
             UNet trained for minutes on a CPU learns a spatially aligned condition far faster. 0 = off.
         latent: diffuse in the latent space of ``vae`` (True) or in pixel space.
+        space_to_depth: f > 1 diffuses pixels folded into f x f blocks (``pixel_unshuffle``: [3, S, S] ->
+            [3 f^2, S/f, S/f]), a lossless stand-in for a VAE that makes a small pixel-space UNet f^2 times cheaper
+            per level (the tiny preset: f = 2). Pixel space only.
         unet: ``UNet2DConditionModel`` arguments.
         vae: ``AutoencoderKL`` arguments (used when ``latent``).
         vae_path: a diffusers ``AutoencoderKL`` folder the VAE's weights are read from when training starts
@@ -91,6 +94,7 @@ class DetokenizerConfig:
     token_positions: bool = False
     spatial_channels: int = 0
     latent: bool = False
+    space_to_depth: int = 1
     unet: dict[str, Any] = field(default_factory=dict)
     vae: dict[str, Any] = field(default_factory=dict)
     vae_path: str = ""
@@ -115,6 +119,8 @@ class DetokenizerConfig:
             self.spatial_channels and math.isqrt(self.num_patches) ** 2 != self.num_patches
         ):
             raise ConfigError(f"spatial_channels: needs >= 0 and a square patch grid (num_patches {self.num_patches})")
+        if self.space_to_depth < 1 or (self.latent and self.space_to_depth != 1):
+            raise ConfigError(f"space_to_depth: {self.space_to_depth} must be >= 1, and 1 with latent diffusion")
         if self.latent and not self.vae:
             raise ConfigError("vae: latent diffusion needs the AutoencoderKL arguments")
         self._check_unet()
@@ -145,13 +151,13 @@ class DetokenizerConfig:
 
     @property
     def vae_factor(self) -> int:
-        """Pixels per latent along a side (1 in pixel space)."""
-        return 2 ** (len(self.vae.get("block_out_channels", [64])) - 1) if self.latent else 1
+        """Pixels per diffused position along a side (``space_to_depth`` in pixel space)."""
+        return 2 ** (len(self.vae.get("block_out_channels", [64])) - 1) if self.latent else self.space_to_depth
 
     @property
     def sample_channels(self) -> int:
         """Z: channels of the diffused sample."""
-        return int(self.vae.get("latent_channels", 4)) if self.latent else 3
+        return int(self.vae.get("latent_channels", 4)) if self.latent else 3 * self.space_to_depth**2
 
     @property
     def sample_side(self) -> int:
@@ -408,7 +414,7 @@ class DiffusionDecoder(nn.Module):
         """Images in [0, 1] -> clean samples x0 [B, Z, H, W]: pixels in [-1, 1], or scaled VAE latents (fp32)."""
         x = images_B3SS.float() * 2.0 - 1.0
         if self.vae is None:
-            return x
+            return F.pixel_unshuffle(x, self.cfg.space_to_depth) if self.cfg.space_to_depth > 1 else x
         with torch.autocast(x.device.type, enabled=False):
             latents = self.vae.encode(x).latent_dist.sample()
         return latents * self.vae.config.scaling_factor
@@ -416,6 +422,8 @@ class DiffusionDecoder(nn.Module):
     def to_pixels(self, x0_BZHW: Tensor) -> Tensor:
         """Clean samples -> images [B, 3, S, S] in [0, 1] (fp32)."""
         x = x0_BZHW.float()
+        if self.cfg.space_to_depth > 1:
+            x = F.pixel_shuffle(x, self.cfg.space_to_depth)
         if self.vae is not None:
             with torch.autocast(x.device.type, enabled=False):
                 x = self.vae.decode(x / self.vae.config.scaling_factor).sample
