@@ -60,8 +60,10 @@ def _tiny_unet(cross_dim: int) -> dict[str, Any]:
 
 
 # Pixel space in [-1, 1]: a cosine schedule, clipped x0 and "trailing" timesteps (a few DDIM steps start from noise).
+# The UNet predicts the clean sample (x0): after a few hundred CPU steps an x0-predicting decoder draws the objects
+# where they belong (blurred), while the same UNet predicting noise still sampled pure noise (docs/detokenizer.md).
 _TINY_SCHEDULER: dict[str, Any] = {
-    "num_train_timesteps": 1000, "beta_schedule": "squaredcos_cap_v2", "prediction_type": "epsilon",
+    "num_train_timesteps": 1000, "beta_schedule": "squaredcos_cap_v2", "prediction_type": "sample",
     "clip_sample": True, "set_alpha_to_one": True, "timestep_spacing": "trailing",
 }  # fmt: skip
 
