@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--eval", type=int, default=100, help="held-out images to redraw")
     parser.add_argument("--sample-steps", type=int, default=20)
-    parser.add_argument("--guidance", type=float, default=1.0)
+    parser.add_argument("--guidance", default="1.0", help="guidance scales to evaluate, comma-separated")
     parser.add_argument("--cache", default="runs/detokenizer_recipe")
     args = parser.parse_args(argv)
     run, cache = Path(args.run), Path(args.cache)
@@ -118,10 +118,12 @@ def main(argv: list[str] | None = None) -> None:
     pixels, feats = cached_pairs(run, "train", 5000, cache)
     test_pixels, test_feats = cached_pairs(run, "test", args.eval, cache)
     seconds = train(model, pixels, feats, args.steps, args.batch, args.lr)
-    grid = cache / f"grid_{args.pred}_{'nospatial_' if args.no_spatial else ''}{args.steps}.png"
     result = {"pred": args.pred, "spatial": spatial, "overrides": args.set, "steps": args.steps, "batch": args.batch,
-              "train_s": round(seconds, 1), "grid": str(grid)}  # fmt: skip
-    result |= evaluate(model, test_pixels, test_feats, run / "judge", args.sample_steps, args.guidance, grid)
+              "train_s": round(seconds, 1)}  # fmt: skip
+    for scale in (float(g) for g in args.guidance.split(",")):
+        grid = cache / f"grid_{args.pred}_{'nospatial_' if args.no_spatial else ''}{args.steps}_g{scale:g}.png"
+        scores = evaluate(model, test_pixels, test_feats, run / "judge", args.sample_steps, scale, grid)
+        result[f"guidance_{scale:g}"] = scores | {"grid": str(grid)}
     print(json.dumps(result, indent=2))
 
 
