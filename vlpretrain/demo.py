@@ -36,8 +36,8 @@ class DemoSize:
     synth_preset: str = "demo"
     judge_steps: int | None = None  # None: the preset's
     encoder_steps: int | None = None
-    tokenizer_steps: int = 800
-    detokenizer_steps: int = 300
+    tokenizer_steps: int = 500  # held-out cosine plateaus after ~300 (docs/lavit.md)
+    detokenizer_steps: int = 400
     lm_steps: int = 300
     eval_images: int = 200  # test images of the detokenizer and LM evaluations
     t2i_prompts: int = 64
@@ -166,7 +166,7 @@ TOKENIZER_RECIPE: dict[str, Any] = {
     "log": {"every": 20},
 }
 DETOKENIZER_RECIPE: dict[str, Any] = {
-    "optim": {"lr": 1e-3, "weight_decay": 0.01, "betas": [0.9, 0.99]},
+    "optim": {"lr": 2e-3, "weight_decay": 0.01, "betas": [0.9, 0.99]},
     "schedule": {"warmup_steps": 30},
     "checkpoint": {"every": 100, "keep_last": 1},
     "log": {"every": 10},
