@@ -29,17 +29,23 @@ from vlpretrain.lavit.tokenizer_task import load_frozen_tokenizer
 ATTRIBUTES = ("count", "colors", "shapes")
 
 
-def cached_pairs(run: Path, split: str, limit: int, cache: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    """(images [M, 3, S, S] in [0, 1], reconstructed features [M, N, D]) of ``split``, cached in ``cache``."""
-    file = cache / f"{split}_{limit}.pt"
+def cached_pairs(
+    run: Path, split: str, limit: int, cache: Path, oracle: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(images [M, 3, S, S] in [0, 1], reconstructed features [M, N, D]) of ``split``, cached in ``cache``; with
+    ``oracle`` the frozen encoder's own features instead (what a perfect tokenizer would reconstruct)."""
+    file = cache / f"{split}_{limit}{'_oracle' if oracle else ''}.pt"
     if file.exists():
         return torch.load(file)
     tokenizer = load_frozen_tokenizer(str(run / "tokenizer")).eval()
     images, _ = read_records(str(run / "data" / split))
     pixels = torch.from_numpy(np.stack(images[:limit])).permute(0, 3, 1, 2).float() / 255
     with torch.no_grad():
-        feats = torch.cat([tokenizer.decode_codes(tokenizer.tokenize(pixels[i : i + 250])[0])
-                           for i in range(0, len(pixels), 250)])  # fmt: skip
+
+        def features(x: torch.Tensor) -> torch.Tensor:
+            return tokenizer.encoder(x) if oracle else tokenizer.decode_codes(tokenizer.tokenize(x)[0])
+
+        feats = torch.cat([features(pixels[i : i + 250]) for i in range(0, len(pixels), 250)])
     file.parent.mkdir(parents=True, exist_ok=True)
     torch.save((pixels, feats.float()), file)
     return pixels, feats.float()
@@ -99,6 +105,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--set", action="append", default=[], help="DetokenizerConfig override, e.g. cond_dropout=0")
     parser.add_argument("--pred", default="sample", choices=["epsilon", "sample", "v_prediction"])
     parser.add_argument("--no-spatial", action="store_true", help="cross-attention only (no spatial condition)")
+    parser.add_argument("--oracle", action="store_true", help="condition on the encoder's features, not the tokens'")
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--lr", type=float, default=2e-3)
@@ -115,13 +122,14 @@ def main(argv: list[str] | None = None) -> None:
     cfg = apply_overrides(cfg, args.set)
     torch.manual_seed(0)
     model = DiffusionDecoder(cfg)
-    pixels, feats = cached_pairs(run, "train", 5000, cache)
-    test_pixels, test_feats = cached_pairs(run, "test", args.eval, cache)
+    pixels, feats = cached_pairs(run, "train", 5000, cache, args.oracle)
+    test_pixels, test_feats = cached_pairs(run, "test", args.eval, cache, args.oracle)
     seconds = train(model, pixels, feats, args.steps, args.batch, args.lr)
-    result = {"pred": args.pred, "spatial": spatial, "overrides": args.set, "steps": args.steps, "batch": args.batch,
-              "train_s": round(seconds, 1)}  # fmt: skip
+    result = {"pred": args.pred, "spatial": spatial, "oracle": args.oracle, "overrides": args.set,
+              "steps": args.steps, "batch": args.batch, "train_s": round(seconds, 1)}  # fmt: skip
     for scale in (float(g) for g in args.guidance.split(",")):
-        grid = cache / f"grid_{args.pred}_{'nospatial_' if args.no_spatial else ''}{args.steps}_g{scale:g}.png"
+        tags = ("nospatial_" if args.no_spatial else "") + ("oracle_" if args.oracle else "")
+        grid = cache / f"grid_{args.pred}_{tags}{args.steps}_g{scale:g}.png"
         scores = evaluate(model, test_pixels, test_feats, run / "judge", args.sample_steps, scale, grid)
         result[f"guidance_{scale:g}"] = scores | {"grid": str(grid)}
     print(json.dumps(result, indent=2))
