@@ -242,7 +242,8 @@ def test_training_through_the_engine_and_loading(tokenizer_dir: Path, shapes_dat
     cfg = micro(tokenizer=str(tokenizer_dir))
     run = {
         "task": "lavit-detokenizer", "model_preset": "tiny",
-        "model": {k: getattr(cfg, k) for k in ("tokenizer", "image_size", "unet", "sample_steps", "spatial_channels", "space_to_depth")},
+        "model": {k: getattr(cfg, k) for k in ("tokenizer", "image_size", "unet", "sample_steps", "spatial_channels",
+                                                "space_to_depth")},
         "data": {"train": str(shapes_data / "train"), "batch_size": 4, "shuffle_buffer": 0},
         "steps": 2, "log": {"every": 1, "progress": False, "peak_tflops": 1.0}, "out_dir": str(tmp_path / "run"),
         "schedule": {"warmup_steps": 1},
