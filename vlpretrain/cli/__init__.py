@@ -17,6 +17,8 @@ from vlpretrain.cli.convert import app as convert_app
 from vlpretrain.cli.data import app as data_app
 from vlpretrain.cli.eval import app as eval_app
 from vlpretrain.cli.lavit_lm import ask, caption, eval_lm, generate
+from vlpretrain.cli.lcl import encode_images, eval_lcl
+from vlpretrain.cli.libra import app as libra_app
 from vlpretrain.cli.reconstruct import reconstruct
 from vlpretrain.cli.serve import serve
 from vlpretrain.cli.tokenize import tokenize
@@ -39,8 +41,11 @@ app.command("caption")(caption)
 app.command("ask")(ask)
 app.command("generate")(generate)
 eval_app.command("lm")(eval_lm)
+eval_app.command("lcl")(eval_lcl)
+app.command("encode-images")(encode_images)
 app.add_typer(eval_app, name="eval")
 app.add_typer(convert_app, name="convert")
+app.add_typer(libra_app, name="libra")
 
 
 def _version(value: bool) -> None:

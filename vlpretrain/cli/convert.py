@@ -7,6 +7,8 @@ from pathlib import Path
 import typer
 
 from vlpretrain.cli.common import config_options
+from vlpretrain.cli.lcl import convert_lcl
+from vlpretrain.cli.libra import convert as convert_libra
 
 app = typer.Typer(help="Convert official checkpoints into vlpretrain folders.", no_args_is_help=True)
 
@@ -61,3 +63,7 @@ def lavit_lm(
 
     out = convert_lm(official_dir, out_dir, tokenizer=tokenizer, dtype=dtype, max_len=max_len)
     print(conversion_summary(out))
+
+
+app.command("lcl")(convert_lcl)
+app.command("libra")(convert_libra)

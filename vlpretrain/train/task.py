@@ -31,6 +31,10 @@ _TASKS: dict[str, str] = {
     "lavit-tokenizer": "vlpretrain.lavit.tokenizer_task:LavitTokenizerTask",
     "lavit-detokenizer": "vlpretrain.lavit.detokenizer_task:LavitDetokenizerTask",
     "lavit-lm": "vlpretrain.lavit.lm_task:LavitLMTask",
+    "lcl": "vlpretrain.lcl.task:LCLTask",
+    "libra-tokenizer": "vlpretrain.libra.tokenizer_task:LibraTokenizerTask",
+    "libra-pretrain": "vlpretrain.libra.lm_task:LibraPretrainTask",
+    "libra-instruct": "vlpretrain.libra.lm_task:LibraInstructTask",
 }
 
 
