@@ -5,5 +5,5 @@ Modules: ``vocab`` (two-stream id layout), ``visual_codes`` (lookup-free quantis
 ``expert`` (low-rank visual experts and bridges), ``routing`` (per-position dispatch), ``model`` (the routed LLaMA),
 ``loss``, ``sequences`` (training and prompt sequences, label masking), ``text`` (the demo's text tokenizer and the
 Vicuna-v1 template), ``config``, ``lm_task`` and ``tokenizer_task`` (training stages), ``generate``, ``pipeline``,
-``convert``.
+``evaluate`` (shapes-world caption F1, VQA, text-only identity), ``convert``.
 """
