@@ -85,6 +85,46 @@ def evaluate(model: DynamicTokenizer, feats: torch.Tensor, objects: list[int], m
     return stats
 
 
+def foreground_masks(data: Path, split: str, count: int, num_patches: int) -> tuple[torch.Tensor, list[str]]:
+    """Foreground patches [M, N] (bool, an object paints >= a quarter of the patch) and background kinds of the first
+    ``count`` images of ``split``, regenerated from the folder's recorded shapes-world config."""
+    from vlpretrain.configs import from_dict
+    from vlpretrain.data.synthetic import SynthConfig
+    from vlpretrain.lavit.demo_encoder import make_dense_example, patch_targets
+
+    synth = from_dict(SynthConfig, json.loads((data / "stats.json").read_text())["config"])
+    patch_size = synth.image_size // math.isqrt(num_patches)
+    masks, kinds = [], []
+    for i in range(count):
+        _, object_ids, scene = make_dense_example(synth, split, i)
+        masks.append(patch_targets(scene, object_ids, patch_size)[0] == 1)
+        kinds.append(scene.background["kind"])
+    return torch.stack(masks), kinds
+
+
+@torch.no_grad()
+def foreground_stats(model: DynamicTokenizer, feats: torch.Tensor, fg: torch.Tensor, kinds: list[str]) -> dict:
+    """Deterministic keep share and reconstruction cosine on object vs background patches, and cosine per
+    background kind: where the tokens go."""
+    model.eval()
+    model.cfg.eval_keep = "deterministic"  # type: ignore[assignment]
+    keep = model.keep_mask(feats)
+    merged, valid = model.causal_encoder(feats, keep, dense=False)
+    rec = model.decoder(model.quantize.indices_to_codes(model.quantize.encode(model.encode_task_layer(merged))), valid)
+    cos = F.cosine_similarity(rec.float(), feats, dim=-1)
+    out = {
+        "fg_fraction": float(fg.float().mean()),
+        "keep_fg": float(keep[fg].mean()),
+        "keep_bg": float(keep[~fg].mean()),
+        "cos_fg": float(cos[fg].mean()),
+        "cos_bg": float(cos[~fg].mean()),
+    }
+    for kind in sorted(set(kinds)):
+        rows = torch.tensor([k == kind for k in kinds])
+        out[f"cos_{kind}"], out[f"keep_{kind}"] = float(cos[rows].mean()), float(keep[rows].mean())
+    return {k: round(v, 4) for k, v in out.items()}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--encoder", required=True, help="the demo encoder's vit.safetensors")
@@ -108,6 +148,8 @@ def main(argv: list[str] | None = None) -> None:
     seconds = train(model, train_x, args.steps, args.batch, args.lr)
     result = {"overrides": args.set, "steps": args.steps, "train_s": round(seconds, 1)}
     result |= {mode: evaluate(model, test_x, objects, mode) for mode in ("deterministic", "sample")}
+    fg, kinds = foreground_masks(Path(args.data), "test", len(test_x), model.num_patches)
+    result["where"] = foreground_stats(model, test_x, fg, kinds)
     print(json.dumps(result, indent=2))
 
 

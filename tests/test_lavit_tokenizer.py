@@ -141,3 +141,18 @@ def test_deterministic_threshold_calibrates_to_the_target_ratio(images) -> None:
     frozen = tiny(calibrate_threshold=False).train()
     frozen.keep_mask(x)
     assert float(frozen.token_predictor.keep_threshold) == 0.0
+
+
+def test_fan_in_decoder_gives_codes_and_positions_the_same_scale() -> None:
+    """Unit-norm codes through ``in_proj`` have unit element variance, like the rank positions they are added to
+    (with N(0, 1/C) weights the code content would be a fifth of the positional signal at C = 32)."""
+    from vlpretrain.lavit.feature_decoder import FeatureDecoder
+
+    torch.manual_seed(0)
+    dec = FeatureDecoder(32, 256, 1, 4, 512, 64, 256, 64)
+    dec.init_weights("fan_in")
+    codes = torch.nn.functional.normalize(torch.randn(512, 32), dim=-1)
+    content = dec.in_proj(codes) - dec.in_proj.bias
+    assert 0.8 < float(content.var()) < 1.25 and 0.8 < float(dec.pos_embed.var()) < 1.25
+    dec.init_weights("official")
+    assert float(dec.pos_embed.std()) < 0.05

@@ -71,7 +71,8 @@ class FeatureDecoder(nn.Module):
     def init_weights(self, scheme: str = "official") -> None:
         """``official``: trunc-normal(0.02) Linear weights, N(0, 0.02) positions and queries. ``fan_in``: Linear
         weights N(0, 1 / fan_in) and unit-variance positions and queries, so that from the first step the queries'
-        attention over the codes has scores of order 1 and can learn which code to read (see TokenizerConfig)."""
+        attention over the codes has scores of order 1 and can learn which code to read (see TokenizerConfig);
+        ``in_proj`` reads unit-NORM codes, so N(0, 1) gives its output the positions' unit variance."""
         if scheme == "official":
             self.apply(init_linear_and_norm)
             nn.init.trunc_normal_(self.pos_embed, std=0.02)
@@ -83,6 +84,7 @@ class FeatureDecoder(nn.Module):
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.normal_(module.weight, std=module.weight.shape[1] ** -0.5)
+        nn.init.normal_(self.in_proj.weight, std=1.0)
         nn.init.normal_(self.pos_embed, std=1.0)
         nn.init.normal_(self.query_embed, std=1.0)
 
