@@ -31,3 +31,17 @@ def test_demo_smoke_runs_every_stage_and_resumes(tmp_path: Path, capsys) -> None
     again = run_demo(tmp_path, SMOKE)
     assert json.dumps(again, sort_keys=True) == json.dumps(metrics, sort_keys=True)  # NaN-safe comparison
     assert capsys.readouterr().out.count("already done") == len(names)
+
+
+def test_demo_warns_when_the_cpu_is_already_busy(monkeypatch) -> None:
+    import torch
+
+    from vlpretrain import demo
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    for load, expected in ((1.2, "OMP_NUM_THREADS=1"), (0.1, "")):
+        monkeypatch.setattr(demo.os, "getloadavg", lambda load=load: (load, load, load))
+        with demo.console.capture() as captured:
+            demo.warn_if_cores_busy()
+        assert (expected in captured.get()) and (bool(captured.get()) == bool(expected)), (load, captured.get())
