@@ -6,8 +6,11 @@ image with its sentence: the same images in the same order), then scores the FRO
 randomly initialised one, with :func:`vlpretrain.lcl.evaluate.evaluate` (attentive probes on object attributes,
 zero-shot classification, retrieval). Finished runs are reused.
 
-    python -m benchmarks.lcl_compare --out runs/lcl_compare [--steps 600] [--objectives lcl,clip,gen,emu]
+    python -m benchmarks.lcl_compare --out runs/lcl_compare [--steps 600] [--objectives lcl,clip,gen,emu] \
+        [--probe-seeds 0,1,2]
 
+The probe columns are means over the probe seeds (the probe's own initialisation and shuffling); the per-seed probe
+means are listed under the table, so that a gap can be read against the probe's own spread.
 Writes ``OUT/results.json`` and ``OUT/table.md`` (the table in docs/lcl.md).
 """
 
@@ -19,6 +22,7 @@ import json
 import os
 import platform
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +32,14 @@ from vlpretrain.configs import load_config
 from vlpretrain.data.synth_write import write_shapes_world
 from vlpretrain.data.synthetic import SynthConfig
 from vlpretrain.eval.probe import ProbeConfig
-from vlpretrain.lcl.evaluate import PROBE_LR, evaluate, read_synth_config, synth_eval_sets
+from vlpretrain.lcl.evaluate import (
+    PROBE_LR,
+    EvalSets,
+    evaluate,
+    probe_attributes,
+    read_synth_config,
+    synth_eval_sets,
+)
 from vlpretrain.train.checkpoint import latest_checkpoint
 from vlpretrain.train.config import TrainConfig
 from vlpretrain.train.loop import train
@@ -65,6 +76,18 @@ def train_objective(objective: str, data: Path, out: Path, steps: int, overrides
     return info
 
 
+def score(model: torch.nn.Module, sets: EvalSets, config: ProbeConfig, seeds: list[int]) -> dict[str, Any]:
+    """All metrics with the first probe seed; the ``probe_*`` ones averaged over ``seeds`` (``probe_mean_by_seed``
+    keeps each seed's mean)."""
+    metrics: dict[str, Any] = evaluate(model, sets, config=replace(config, seed=seeds[0]))
+    runs = [{k: v for k, v in metrics.items() if k.startswith("probe_")}]
+    runs += [probe_attributes(model, sets, replace(config, seed=seed)) for seed in seeds[1:]]
+    for key in runs[0]:
+        metrics[key] = sum(r[key] for r in runs) / len(runs)
+    metrics["probe_mean_by_seed"] = [round(r["probe_mean"], 3) for r in runs]
+    return metrics
+
+
 def table(results: dict[str, dict[str, Any]]) -> str:
     """Markdown table: one row per encoder."""
     head = "| encoder | steps | train s | " + " | ".join(c.replace("_", " ") for c in COLUMNS) + " |"
@@ -72,6 +95,10 @@ def table(results: dict[str, dict[str, Any]]) -> str:
     for name, r in results.items():
         cells = [f"{r['metrics'].get(c, float('nan')):.3f}" for c in COLUMNS]
         lines.append(f"| {name} | {r.get('steps', 0)} | {r.get('train_seconds', 0):.0f} | " + " | ".join(cells) + " |")
+    seeds = [f"{name} {r['metrics']['probe_mean_by_seed']}" for name, r in results.items()
+             if len(r["metrics"].get("probe_mean_by_seed", [])) > 1]  # fmt: skip
+    if seeds:
+        lines += ["", "probe mean per probe seed: " + "; ".join(seeds)]
     return "\n".join(lines)
 
 
@@ -83,6 +110,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--objectives", default="lcl,clip,gen,emu")
     parser.add_argument("--probe-epochs", type=int, default=20)
+    parser.add_argument("--probe-seeds", default="0", help="comma-separated probe seeds; probe columns are their mean")
     parser.add_argument("--set", dest="sets", action="append", default=[], help="train config override (repeatable)")
     args = parser.parse_args()
     data = args.data or args.out / "data"
@@ -99,10 +127,10 @@ def main() -> None:
     encoders |= {name: load_task(args.out / name, expect_task="lcl")[0] for name in results}
     for name, model in encoders.items():
         start = time.perf_counter()
-        metrics = evaluate(model, sets, config=probe_cfg)
+        metrics = score(model, sets, probe_cfg, [int(s) for s in args.probe_seeds.split(",")])
         results.setdefault(name, {"objective": name, "steps": 0, "train_seconds": 0})
         results[name] |= {"metrics": metrics, "eval_seconds": round(time.perf_counter() - start, 1)}
-        print(name, json.dumps({k: round(v, 3) for k, v in metrics.items()}), flush=True)
+        print(name, json.dumps({k: v if isinstance(v, list) else round(v, 3) for k, v in metrics.items()}), flush=True)
     results = {"random init": results.pop("random init"), **results}
     meta = {"date": datetime.date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
             "torch": torch.__version__, "threads": torch.get_num_threads(), "args": vars(args) | {"out": str(args.out),
