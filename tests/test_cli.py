@@ -6,19 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
+from cli_runner import run
 
 from vlpretrain import __version__
-from vlpretrain.cli import main
-
-
-def run(args: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, str]:
-    try:
-        main(args)
-        code = 0
-    except SystemExit as stop:
-        code = stop.code or 0
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_version_and_help(capsys) -> None:

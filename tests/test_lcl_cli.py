@@ -9,22 +9,13 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from cli_runner import run
 from PIL import Image
 from safetensors.torch import load_file
 from test_lcl_convert import CTX, IMAGE, PATCH, POOL_HEADS, SPECIAL, TW, VOCAB, VW, official_state, write_checkpoint
 
 from vlpretrain.cli import main
 from vlpretrain.train.pretrained import load_task
-
-
-def run(args: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, str]:
-    try:
-        main(args)
-        code = 0
-    except SystemExit as stop:
-        code = stop.code or 0
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture(scope="module")

@@ -8,21 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_runner import run
 from PIL import Image
 
-from vlpretrain.cli import main
 from vlpretrain.train.pretrained import save_task
 from vlpretrain.train.task import build_task, task_config
-
-
-def run(args: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, str]:
-    try:
-        main(args)
-        code = 0
-    except SystemExit as stop:
-        code = stop.code or 0
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture(scope="module")
