@@ -5,7 +5,8 @@ Every config in the project is a (nested) dataclass whose fields carry type hint
 
 - unknown keys are errors that name the full dotted key (``train.optim.lr``),
 - values are checked against the field's type hint (no silent ``"3"`` -> ``3``; ints are accepted for floats),
-- ranges and cross-field rules live in each dataclass's ``__post_init__`` and raise :class:`ConfigError`.
+- ranges and cross-field rules live in each dataclass's ``__post_init__`` and raise :class:`ConfigError`
+  (:func:`check_at_least` and :func:`check_divides` word the common ones the same way everywhere).
 
 Presets are functions registered under ``(kind, name)`` that return a config; a YAML file may name one with a
 top-level ``preset:`` key and override any field below it.
@@ -18,7 +19,7 @@ import json
 import re
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -34,6 +35,34 @@ _PRESETS: dict[tuple[str, str], Callable[[], Any]] = {}
 
 class ConfigError(ValueError):
     """A config value, key or file is invalid. The message names the offending key or file."""
+
+
+def check_at_least(cfg: Any, minimum: float, names: Sequence[str], prefix: str = "") -> None:
+    """Refuse the first field of ``cfg`` among ``names`` whose value is below ``minimum`` (for ``__post_init__``).
+
+    Args:
+        cfg: the dataclass being checked.
+        minimum: the smallest allowed value (e.g. 1 for sizes, 0 for weights and counts).
+        names: field names, checked in order.
+        prefix: the dotted path of ``cfg`` in its parent config (e.g. ``"text."``), for the message.
+
+    Raises:
+        ConfigError: ``"{prefix}{name}: must be >= {minimum}, got {value}"``.
+    """
+    for name in names:
+        value = getattr(cfg, name)
+        if value < minimum:
+            raise ConfigError(f"{prefix}{name}: must be >= {minimum}, got {value}")
+
+
+def check_divides(divisor: int, total: int, field: str, total_name: str) -> None:
+    """Refuse a ``divisor`` (config field ``field``, e.g. a head count) below 1 or not dividing ``total``.
+
+    Raises:
+        ConfigError: ``"{field}: {divisor} does not divide {total_name} {total}"``.
+    """
+    if divisor < 1 or total % divisor:
+        raise ConfigError(f"{field}: {divisor} does not divide {total_name} {total}")
 
 
 def register_preset(kind: str, name: str) -> Callable[[Callable[[], T]], Callable[[], T]]:

@@ -14,6 +14,7 @@ import io
 import os
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -25,6 +26,7 @@ MIN_SIDE = 2
 WHITE = (255, 255, 255)
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+ImageLike = str | Path | bytes | Image.Image | np.ndarray  # what the user-facing APIs accept as an image
 
 
 class ImageError(ValueError):
@@ -81,6 +83,22 @@ def load_image(
         if isinstance(exc, ImageError):
             raise
         raise ImageError(f"{name}: cannot decode image: {exc}", reason="corrupt_image") from exc
+
+
+def as_pil(image: ImageLike) -> Image.Image:
+    """An RGB PIL image from a path, encoded bytes, a PIL image (any mode) or a uint8 [H, W, 3] array.
+
+    Raises:
+        ValueError: an array that is not uint8 [H, W, 3].
+        ImageError: a path or bytes that :func:`load_image` cannot decode.
+    """
+    if isinstance(image, Image.Image):
+        return to_rgb(image)
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+            raise ValueError(f"array images must be uint8 [H, W, 3], got {image.dtype} {image.shape}")
+        return Image.fromarray(image)
+    return load_image(image)
 
 
 def to_rgb(image: Image.Image, background: tuple[int, int, int] = WHITE) -> Image.Image:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from vlpretrain.configs import ConfigError
+from vlpretrain.configs import check_at_least, check_divides
 
 
 @dataclass
@@ -37,10 +37,10 @@ class LlamaSpec:
     rms_norm_eps: float = 1e-6
 
     def __post_init__(self) -> None:
-        if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
-            raise ConfigError("llm: hidden_size must divide by num_heads, and num_heads by num_kv_heads")
-        if min(self.hidden_size, self.intermediate_size, self.num_layers, self.max_positions) < 1:
-            raise ConfigError("llm: sizes must be >= 1")
+        sizes = ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "max_positions")
+        check_at_least(self, 1, sizes, prefix="llm.")
+        check_divides(self.num_heads, self.hidden_size, "llm.num_heads", "hidden_size")
+        check_divides(self.num_kv_heads, self.num_heads, "llm.num_kv_heads", "num_heads")
 
 
 def build_llama(spec: LlamaSpec, vocab_size: int) -> LlamaForCausalLM:

@@ -30,10 +30,10 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from vlpretrain.configs import ConfigError, register_preset
+from vlpretrain.core.key_rules import listed
 from vlpretrain.errors import UserError
 
 QKVBias = Literal["qv", "qkv", "none"]
-_MAX_LISTED_KEYS = 8
 
 
 @dataclass
@@ -368,8 +368,8 @@ class VisionTransformer(nn.Module):
         missing = [k for k in expected if k not in state]
         unexpected = [k for k in state if k not in expected]
         if missing or unexpected:
-            parts = [f"missing keys {_list_keys(missing)}"] if missing else []
-            parts += [f"unexpected keys {_list_keys(unexpected)}"] if unexpected else []
+            parts = [f"missing keys {listed(missing, brackets=True)}"] if missing else []
+            parts += [f"unexpected keys {listed(unexpected, brackets=True)}"] if unexpected else []
             raise UserError(f"{path}: not an EVA ViT state dict for this config: {'; '.join(parts)}")
         mapped = {key: state[key] for key in expected}  # our names are the official names: an identity map
         pos = mapped["pos_embed"]
@@ -433,9 +433,3 @@ def resample_pos_embed(pos_embed_1TD: Tensor, grid_size: int) -> Tensor:
 
 def _is_square(n: int) -> bool:
     return n >= 1 and math.isqrt(n) ** 2 == n
-
-
-def _list_keys(keys: list[str]) -> str:
-    shown = ", ".join(keys[:_MAX_LISTED_KEYS])
-    more = len(keys) - _MAX_LISTED_KEYS
-    return f"[{shown}{f', ... and {more} more' if more > 0 else ''}]"

@@ -35,7 +35,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from vlpretrain.configs import ConfigError, from_dict, register_preset, to_dict
+from vlpretrain.configs import ConfigError, check_at_least, from_dict, register_preset, to_dict
 from vlpretrain.data.synthetic import COLORS, SHAPES, SIZES, ShapeObject, SynthConfig, make_example
 
 COLOR_NAMES: tuple[str, ...] = tuple(COLORS)
@@ -98,21 +98,13 @@ class JudgeConfig:
                 f"widths: {len(self.widths)} stages shrink image_size {self.image_size} to {self.feature_size} "
                 f"< grid {self.grid}; use fewer stages or a larger image_size"
             )
-        for name in ("head_width", "steps", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        check_at_least(self, 1, ("head_width", "steps", "batch_size"))
         if self.lr <= 0:
             raise ConfigError(f"lr: must be > 0, got {self.lr}")
-        if self.weight_decay < 0:
-            raise ConfigError(f"weight_decay: must be >= 0, got {self.weight_decay}")
-        if self.warmup_steps < 0:
-            raise ConfigError(f"warmup_steps: must be >= 0, got {self.warmup_steps}")
+        check_at_least(self, 0, ("weight_decay", "warmup_steps"))
         if self.pool_size < self.batch_size:
             raise ConfigError(f"pool_size: {self.pool_size} is smaller than batch_size {self.batch_size}")
-        if self.data_workers < 0:
-            raise ConfigError(f"data_workers: must be >= 0, got {self.data_workers}")
-        if self.threads < 0:
-            raise ConfigError(f"threads: must be >= 0, got {self.threads}")
+        check_at_least(self, 0, ("data_workers", "threads"))
 
     @property
     def feature_size(self) -> int:

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from vlpretrain.core.image import resize, to_pil, to_tensor
+from vlpretrain.core.image import as_pil, resize, to_pil, to_tensor
 from vlpretrain.errors import UserError
 from vlpretrain.eval.captioning import CaptionFormat, load_references
 from vlpretrain.eval.fid import NOT_COMPARABLE, fid
@@ -44,8 +44,6 @@ SHOWN = 16  # real | drawn pairs in the sample grid
 def _real_batches(paths: list[Path], side: int, batch_size: int, advance: Callable[[int], None],
                   shown: list[Tensor]) -> Iterator[Tensor]:  # fmt: skip
     """Real images [B, 3, S, S] in [0, 1]; the first :data:`SHOWN` are kept in ``shown``."""
-    from vlpretrain.lavit.api import as_pil
-
     for start in range(0, len(paths), batch_size):
         chunk = paths[start : start + batch_size]
         images_B3SS = torch.stack([to_tensor(resize(as_pil(p), side)) for p in chunk])

@@ -11,27 +11,13 @@ import io
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image, ImageDraw
 from torch import Tensor
 
-from vlpretrain.core.image import load_image, resize, to_rgb, to_tensor
+from vlpretrain.core.image import ImageLike, as_pil, resize, to_tensor
 from vlpretrain.lavit.tokenizer import DynamicTokenizer
 from vlpretrain.train.pretrained import load_task
-
-ImageLike = str | Path | bytes | Image.Image | np.ndarray
-
-
-def as_pil(image: ImageLike) -> Image.Image:
-    """An RGB PIL image from a path, encoded bytes, a PIL image (any mode) or a uint8 [H, W, 3] array."""
-    if isinstance(image, Image.Image):
-        return to_rgb(image)
-    if isinstance(image, np.ndarray):
-        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-            raise ValueError(f"array images must be uint8 [H, W, 3], got {image.dtype} {image.shape}")
-        return Image.fromarray(image)
-    return load_image(image)
 
 
 class Tokenizer:

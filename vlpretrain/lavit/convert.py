@@ -22,8 +22,8 @@ the 1.8B random parameters of the paper-size model are never materialised.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -31,17 +31,18 @@ import torch
 from torch import Tensor, nn
 
 from vlpretrain.configs import ConfigError, apply_overrides
-from vlpretrain.core.key_rules import KeyRule, official_name, our_key, rule_for
+from vlpretrain.core.key_rules import KeyRule, listed, map_source, missing_by_source, rule_for
+from vlpretrain.core.official_files import SUFFIXES, first_file, official_folder
 from vlpretrain.core.vit import read_state_dict
 from vlpretrain.errors import UserError
 from vlpretrain.lavit.tokenizer import TokenizerConfig
-from vlpretrain.train.pretrained import save_task
+from vlpretrain.train.pretrained import conversion_record, save_task
 from vlpretrain.train.task import build_task, task_config
 
 TASK = "lavit-tokenizer"
 SUBFOLDER = "visual_tokenizer"
 FILE_STEMS = ("eva_vitg_psz14", "tokenizer_encoder", "tokenizer_decoder")
-FORMATS = (".safetensors", ".bin")  # the first one present is read
+FORMATS = SUFFIXES  # the first one present is read
 CODEBOOK_KEY = "tokenizer.quantize.embedding.weight"
 # Our state that the official files do not hold: set by the converter, not loaded.
 OURS_ONLY = frozenset(
@@ -54,7 +55,6 @@ OURS_ONLY = frozenset(
         "quantize.initialised",
     )
 )
-_MAX_LISTED = 8
 
 
 KEY_RULES: tuple[KeyRule, ...] = (
@@ -112,10 +112,7 @@ def convert_tokenizer(official_dir: str | Path, out_dir: str | Path, model_cfg: 
 
 def conversion_summary(out_dir: str | Path) -> str:
     """One line describing a converted folder (from the ``converted_from`` record of its ``config.json``)."""
-    config = json.loads((Path(out_dir) / "config.json").read_text())
-    info = config.get("converted_from")
-    if info is None:
-        raise UserError(f"{out_dir}/config.json: not written by the converter (no converted_from)")
+    _, info = conversion_record(out_dir)
     unused = ", ".join(info["unused_keys"]) or "none"
     return (
         f"converted {info['source']} -> {out_dir}: {info['parameters']:,} parameters "
@@ -135,16 +132,13 @@ def _check_config(cfg: TokenizerConfig) -> None:
 
 def _official_files(official_dir: Path) -> dict[str, Path]:
     """The path of each official file, by stem; every missing one is named in a single error."""
-    if not official_dir.is_dir():
-        raise UserError(f"{official_dir}: no such folder (expected the official LaVIT checkpoint)")
-    folder = official_dir / SUBFOLDER if (official_dir / SUBFOLDER).is_dir() else official_dir
+    folder = official_folder(official_dir, "the official LaVIT checkpoint", SUBFOLDER)
     found: dict[str, Path] = {}
     missing: list[str] = []
     for stem in FILE_STEMS:
-        candidates = [folder / f"{stem}{suffix}" for suffix in FORMATS]
-        present = [path for path in candidates if path.is_file()]
-        if present:
-            found[stem] = present[0]
+        path = first_file(folder, stem, FORMATS)
+        if path is not None:
+            found[stem] = path
         else:
             missing.append(f"{folder / stem}.bin (or .safetensors)")
     if missing:
@@ -160,35 +154,14 @@ def _map_official(files: dict[str, Path], expected: dict[str, Tensor]) -> tuple[
     unused: list[str] = []
     dtypes: set[str] = set()
     for stem, path in files.items():
-        source = read_state_dict(path)
-        unexpected, mismatched = [], []
-        for key in list(source):
-            value = source.pop(key)  # frees the file's copy as soon as it is cast
-            dtypes.add(str(value.dtype).removeprefix("torch."))
-            rule = rule_for(KEY_RULES, stem, key)
-            if rule is not None and rule.ours is None:
-                unused.append(key)
-                continue
-            ours = our_key(rule, key) if rule is not None else None
-            if ours not in expected:
-                unexpected.append(key)
-                continue
-            provided.add(ours)
-            if value.shape != expected[ours].shape:
-                mismatched.append(f"{key}: file {tuple(value.shape)}, model {tuple(expected[ours].shape)}")
-            else:
-                state[ours] = value.to(expected[ours].dtype).contiguous()
-        if unexpected:
-            problems[stem].append(f"unexpected keys {_listed(sorted(unexpected))}")
-        if mismatched:
-            problems[stem].append(f"shape mismatch for {_listed(mismatched)}")
-    missing: dict[str, list[str]] = {}
-    for ours in expected:
-        if ours not in provided:
-            stem, official = official_name(KEY_RULES, ours)
-            missing.setdefault(stem, []).append(official)
-    for stem, keys in missing.items():
-        problems[stem].insert(0, f"missing keys {_listed(keys)}")
+        mapped = map_source(read_state_dict(path), partial(rule_for, KEY_RULES, stem), expected, consume=True)
+        state |= mapped.state
+        provided |= mapped.provided
+        unused += list(mapped.unused)
+        dtypes |= mapped.dtypes
+        problems[stem] += mapped.problems("shape mismatch for", brackets=True)
+    for stem, keys in missing_by_source(KEY_RULES, expected, provided).items():
+        problems[stem].insert(0, f"missing keys {listed(keys, brackets=True)}")
     messages = [f"{files[stem]}: {'; '.join(found)}" for stem, found in problems.items() if found]
     if messages:
         raise UserError("official LaVIT tokenizer does not match the model config: " + " | ".join(messages))
@@ -215,13 +188,7 @@ def _load_codebook(quantize: nn.Module, weight_KC: Tensor, path: Path) -> None:
 def _check_materialised(module: nn.Module) -> None:
     left = [name for name, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
     if left:
-        raise RuntimeError(f"converter bug: tensors left on the meta device: {_listed(left)}")
-
-
-def _listed(items: list[str]) -> str:
-    shown = ", ".join(items[:_MAX_LISTED])
-    more = len(items) - _MAX_LISTED
-    return f"[{shown}{f', ... and {more} more' if more > 0 else ''}]"
+        raise RuntimeError(f"converter bug: tensors left on the meta device: {listed(left, brackets=True)}")
 
 
 __all__ = ["KEY_RULES", "KeyRule", "conversion_summary", "convert_tokenizer", "converter_config"]

@@ -29,6 +29,7 @@ from __future__ import annotations
 import inspect
 import json
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -36,11 +37,13 @@ import torch
 from torch import Tensor
 
 from vlpretrain.configs import ConfigError
-from vlpretrain.core.key_rules import KeyRule, official_name, our_key, rule_for
+from vlpretrain.core.key_rules import KeyRule, listed, map_source, missing_by_source, rule_for
+from vlpretrain.core.official_files import first_file, official_folder, read_hf_weights
 from vlpretrain.core.vit import read_state_dict
 from vlpretrain.errors import UserError
 from vlpretrain.lavit.detokenizer import DetokenizerConfig, DiffusionDecoder, projection_names
 from vlpretrain.lavit.detokenizer_task import save_detokenizer
+from vlpretrain.train.pretrained import conversion_record
 
 VARIANTS = {"lowres": ("pixel_decoding", "tokenizer_decoder"), "highres": ("highres_pixel_decoding",
             "highres_tokenizer_decoder")}  # fmt: skip
@@ -51,7 +54,6 @@ NEGATIVE_FILE = "uncond_embeddings.bin"
 FEATURE_DECODER_PREFIXES = ("in_proj.", "pos_embed", "query_embed", "blocks.", "norm.", "decode_task_layer.")
 LEGACY_VAE_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 PREFIX = "detokenizer."  # the decoder's place in the task's state dict
-_MAX_LISTED = 8
 
 
 KEY_RULES: tuple[KeyRule, ...] = (
@@ -78,17 +80,7 @@ class Sources:
 
 def read_diffusers_weights(folder: Path) -> dict[str, Tensor]:
     """The flat state dict of a diffusers model folder (one weights file, or the shards an index names)."""
-    for name in WEIGHT_FILES:
-        if (folder / name).is_file():
-            return read_state_dict(folder / name)
-    for name in INDEX_FILES:
-        if (folder / name).is_file():
-            index = _read_json(folder / name)
-            state: dict[str, Tensor] = {}
-            for shard in sorted(set(index.get("weight_map", {}).values())):
-                state |= read_state_dict(folder / shard)
-            return state
-    raise UserError(f"{folder}: no weights ({' or '.join(WEIGHT_FILES + INDEX_FILES)})")
+    return read_hf_weights(folder, WEIGHT_FILES, INDEX_FILES)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -122,14 +114,12 @@ def read_sources(official_dir: Path, variant: str) -> Sources:
     """Find and read every official file of ``variant`` ("lowres" or "highres"); missing ones are named."""
     if variant not in VARIANTS:
         raise UserError(f"variant: {variant!r} is not one of {sorted(VARIANTS)}")
-    if not official_dir.is_dir():
-        raise UserError(f"{official_dir}: no such folder (expected the official LaVIT checkpoint)")
     sub, decoder_stem = VARIANTS[variant]
-    folder = official_dir / sub
-    decoder_candidates = [official_dir / "visual_tokenizer" / f"{decoder_stem}{s}" for s in (".safetensors", ".bin")]
-    decoder = next((p for p in decoder_candidates if p.is_file()), None)
+    folder = official_folder(official_dir, "the official LaVIT checkpoint") / sub
+    tokenizer_dir = official_dir / "visual_tokenizer"
+    decoder = first_file(tokenizer_dir, decoder_stem)
     missing = [str(p) for p in (folder / "unet", folder / "scheduler") if not p.is_dir()]
-    missing += [] if decoder is not None else [f"{decoder_candidates[1]} (or .safetensors)"]
+    missing += [] if decoder is not None else [f"{tokenizer_dir / decoder_stem}.bin (or .safetensors)"]
     if missing:
         raise UserError(f"official LaVIT {variant} decoder: missing {'; '.join(missing)}")
     paths = {"unet": folder / "unet", "decoder": decoder}
@@ -203,31 +193,15 @@ def map_keys(sources: Sources, expected: dict[str, Tensor]) -> tuple[dict[str, T
     unused: dict[str, int] = {}
     dtypes: set[str] = set()
     for part, source in sources.states.items():
-        unexpected, mismatched = [], []
-        for key, value in source.items():
-            dtypes.add(str(value.dtype).removeprefix("torch."))
-            rule = rule_for(KEY_RULES, part, key)
-            if rule is not None and rule.ours is None:
-                unused[rule.official] = unused.get(rule.official, 0) + 1
-                continue
-            ours = our_key(rule, key) if rule is not None else None
-            if ours not in expected:
-                unexpected.append(key)
-                continue
-            provided.add(ours)
-            if value.shape != expected[ours].shape:
-                mismatched.append(f"{key}: file {tuple(value.shape)}, model {tuple(expected[ours].shape)}")
-            else:
-                state[ours] = value.to(expected[ours].dtype).contiguous()
-        problems[part] += [f"unexpected keys {_listed(sorted(unexpected))}"] if unexpected else []
-        problems[part] += [f"shape mismatch for {_listed(mismatched)}"] if mismatched else []
-    missing: dict[str, list[str]] = {}
-    for ours in expected:
-        if ours not in provided:
-            part, official = official_name(KEY_RULES, ours)
-            missing.setdefault(part, []).append(official)
-    for part, keys in missing.items():
-        problems.setdefault(part, []).insert(0, f"missing keys {_listed(keys)}")
+        mapped = map_source(source, partial(rule_for, KEY_RULES, part), expected)
+        state |= mapped.state
+        provided |= mapped.provided
+        dtypes |= mapped.dtypes
+        for rule in mapped.unused.values():
+            unused[rule.official] = unused.get(rule.official, 0) + 1
+        problems[part] += mapped.problems("shape mismatch for", brackets=True)
+    for part, keys in missing_by_source(KEY_RULES, expected, provided).items():
+        problems.setdefault(part, []).insert(0, f"missing keys {listed(keys, brackets=True)}")
     messages = [f"{sources.paths.get(part, part)}: {'; '.join(found)}" for part, found in problems.items() if found]
     if messages:
         raise UserError("official LaVIT decoder does not match its config: " + " | ".join(messages))
@@ -261,7 +235,7 @@ def convert_detokenizer(official_dir: str | Path, out_dir: str | Path, variant: 
     decoder.load_state_dict({k.removeprefix(PREFIX): v for k, v in state.items()}, strict=True, assign=True)
     left = [n for n, t in [*decoder.named_parameters(), *decoder.named_buffers()] if t.is_meta]
     if left:
-        raise RuntimeError(f"converter bug: tensors left on the meta device: {_listed(left)}")
+        raise RuntimeError(f"converter bug: tensors left on the meta device: {listed(left, brackets=True)}")
     report |= {
         "source": str(sources.folder),
         "variant": variant,
@@ -274,21 +248,13 @@ def convert_detokenizer(official_dir: str | Path, out_dir: str | Path, variant: 
 
 def conversion_summary(out_dir: str | Path) -> str:
     """One line describing a converted folder (from the ``converted_from`` record of its ``config.json``)."""
-    info = _read_json(Path(out_dir) / "config.json").get("converted_from")
-    if info is None:
-        raise UserError(f"{out_dir}/config.json: not written by the converter (no converted_from)")
+    _, info = conversion_record(out_dir)
     unused = ", ".join(f"{prefix}* ({n})" for prefix, n in sorted(info["unused_keys"].items())) or "none"
     return (
         f"converted {info['source']} ({info['variant']}) -> {out_dir}: {info['parameters']:,} parameters "
         f"({', '.join(info['source_dtypes'])}); tokenizer keys left to `convert lavit-tokenizer`: {unused}; "
         f"ignored scheduler keys: {', '.join(info['ignored_scheduler_keys']) or 'none'}"
     )
-
-
-def _listed(items: list[str]) -> str:
-    shown = ", ".join(items[:_MAX_LISTED])
-    more = len(items) - _MAX_LISTED
-    return f"[{shown}{f', ... and {more} more' if more > 0 else ''}]"
 
 
 __all__ = [

@@ -21,22 +21,22 @@ checked).
 from __future__ import annotations
 
 import json
-import shutil
+from functools import partial
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor
 
 from vlpretrain.configs import get_preset
-from vlpretrain.core.key_rules import KeyRule, our_key, rule_for
+from vlpretrain.core.key_rules import KeyRule, listed, map_source, rule_for
 from vlpretrain.core.llm import LlamaSpec
+from vlpretrain.core.official_files import copy_text_tokenizer, official_folder, read_hf_weights
 from vlpretrain.core.vit import read_state_dict
 from vlpretrain.errors import UserError
 from vlpretrain.lavit.lm_task import TASK, LavitLMTask
 from vlpretrain.lavit.model import LavitLMConfig, spec_from_hf_config
 from vlpretrain.lavit.tokenizer import DynamicTokenizer, TokenizerConfig
-from vlpretrain.train.pretrained import save_task
+from vlpretrain.train.pretrained import conversion_record, folder_model_config, save_task
 
 SUBFOLDER = "language_model"
 VISUAL_FILE = "visual_weight.bin"
@@ -47,7 +47,6 @@ TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
 TEXT_TOKENIZER_DIR = "text_tokenizer"
 OURS_ONLY = frozenset({"tokenizer_digest"})
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_MAX_LISTED = 8
 
 
 KEY_RULES: tuple[KeyRule, ...] = (
@@ -74,41 +73,15 @@ def llm_spec(config_file: Path) -> LlamaSpec:
 
 def read_llm_weights(folder: Path) -> dict[str, Tensor]:
     """The flat state dict of an HF model folder (one weights file, or the shards an index names)."""
-    for name in WEIGHT_FILES:
-        if (folder / name).is_file():
-            return read_state_dict(folder / name)
-    for name in INDEX_FILES:
-        if (folder / name).is_file():
-            try:
-                shards = sorted(set(json.loads((folder / name).read_text())["weight_map"].values()))
-            except (ValueError, KeyError, AttributeError) as err:
-                raise UserError(f"{folder / name}: not an HF weights index ({err})") from err
-            state: dict[str, Tensor] = {}
-            for shard in shards:
-                state |= read_state_dict(folder / shard)
-            return state
-    raise UserError(f"{folder}: no LLaMA weights ({' or '.join(WEIGHT_FILES + INDEX_FILES)})")
+    return read_hf_weights(folder, WEIGHT_FILES, INDEX_FILES, what="LLaMA weights")
 
 
 def _language_model_folder(official_dir: Path) -> Path:
-    if not official_dir.is_dir():
-        raise UserError(f"{official_dir}: no such folder (expected the official LaVIT checkpoint)")
-    folder = official_dir / SUBFOLDER if (official_dir / SUBFOLDER).is_dir() else official_dir
+    folder = official_folder(official_dir, "the official LaVIT checkpoint", SUBFOLDER)
     missing = [str(folder / f) for f in ("config.json", VISUAL_FILE) if not (folder / f).is_file()]
     if missing:
         raise UserError(f"official LaVIT language model: missing {', '.join(missing)}")
     return folder
-
-
-def _copy_text_tokenizer(folder: Path, out: Path) -> Path:
-    files = [folder / name for name in TOKENIZER_FILES if (folder / name).is_file()]
-    if not any(f.name in ("tokenizer.model", "tokenizer.json") for f in files):
-        raise UserError(f"{folder}: no text tokenizer (tokenizer.model or tokenizer.json)")
-    target = out / TEXT_TOKENIZER_DIR
-    target.mkdir(parents=True, exist_ok=True)
-    for f in files:
-        shutil.copy2(f, target / f.name)
-    return target
 
 
 def _visual_tokenizer_config(tokenizer: str) -> TokenizerConfig:
@@ -117,15 +90,7 @@ def _visual_tokenizer_config(tokenizer: str) -> TokenizerConfig:
 
     if not tokenizer:
         return get_preset("lavit-tokenizer", "paper")
-    from vlpretrain.train.task import model_config_from_dict
-
-    config_file = Path(tokenizer) / "config.json"
-    if not config_file.is_file():
-        raise UserError(f"--tokenizer: {tokenizer}: not a lavit-tokenizer folder (no config.json)")
-    config = json.loads(config_file.read_text())
-    if config.get("task") != "lavit-tokenizer":
-        raise UserError(f"--tokenizer: {tokenizer}: a '{config.get('task')}' folder, not a lavit-tokenizer")
-    return model_config_from_dict("lavit-tokenizer", config["model"])
+    return folder_model_config(tokenizer, "lavit-tokenizer", "--tokenizer")
 
 
 def _map(sources: dict[str, tuple[Path, dict[str, Tensor]]], expected: dict[str, Tensor],
@@ -135,35 +100,16 @@ def _map(sources: dict[str, tuple[Path, dict[str, Tensor]]], expected: dict[str,
     unused: list[str] = []
     problems: list[str] = []
     for file, (path, source) in sources.items():
-        unexpected, mismatched = [], []
-        for key in list(source):
-            value = source.pop(key)
-            rule = _rule(file, key)
-            if rule is not None and rule.ours is None:
-                unused.append(key)
-                continue
-            ours = our_key(rule, key) if rule is not None else None
-            if ours not in expected:
-                unexpected.append(key)
-            elif value.shape != expected[ours].shape:
-                mismatched.append(f"{key}: file {tuple(value.shape)}, model {tuple(expected[ours].shape)}")
-            else:
-                state[ours] = value.to(dtype).contiguous()
-        if unexpected:
-            problems.append(f"{path}: unexpected keys {_listed(sorted(unexpected))}")
-        if mismatched:
-            problems.append(f"{path}: shapes differ: {_listed(mismatched)}")
+        mapped = map_source(source, partial(_rule, file), expected, dtype, consume=True)
+        state |= mapped.state
+        unused += list(mapped.unused)
+        problems += [f"{path}: {problem}" for problem in mapped.problems()]
     missing = sorted(set(expected) - set(state) - OURS_ONLY)
     if missing and not problems:
-        problems.append(f"keys no official file provides: {_listed(missing)}")
+        problems.append(f"keys no official file provides: {listed(missing)}")
     if problems:
         raise UserError("official LaVIT language model does not fit: " + "; ".join(problems))
     return state, unused
-
-
-def _listed(items: list[str]) -> str:
-    shown = ", ".join(items[:_MAX_LISTED])
-    return shown + (f" (+{len(items) - _MAX_LISTED} more)" if len(items) > _MAX_LISTED else "")
 
 
 def convert_lm(official_dir: str | Path, out_dir: str | Path, tokenizer: str = "", dtype: str = "float32",
@@ -188,7 +134,7 @@ def convert_lm(official_dir: str | Path, out_dir: str | Path, tokenizer: str = "
     out = Path(out_dir)
     spec = llm_spec(folder / "config.json")
     tok_cfg = _visual_tokenizer_config(tokenizer)
-    text_dir = _copy_text_tokenizer(folder, out)
+    text_dir = copy_text_tokenizer(folder, out / TEXT_TOKENIZER_DIR, TOKENIZER_FILES)
     cfg = LavitLMConfig(llm=spec, text_tokenizer=str(text_dir), tokenizer=str(Path(tokenizer).resolve()) if tokenizer
                         else "", max_len=min(max_len, spec.max_positions), qa_ratio=0.0)  # fmt: skip
     with torch.device("meta"):
@@ -211,10 +157,7 @@ def convert_lm(official_dir: str | Path, out_dir: str | Path, tokenizer: str = "
 
 def conversion_summary(out_dir: str | Path) -> str:
     """One line describing a converted folder (from its ``config.json``)."""
-    config = json.loads((Path(out_dir) / "config.json").read_text())
-    info: dict[str, Any] = config.get("converted_from") or {}
-    if not info:
-        raise UserError(f"{out_dir}/config.json: not written by the converter (no converted_from)")
+    config, info = conversion_record(out_dir)
     model = config["model"]
     return (f"converted {info['source']} -> {out_dir}: {info['parameters']:,} parameters ({info['dtype']}), "
             f"LLaMA {model['llm']['num_layers']} x {model['llm']['hidden_size']}, tokenizer "

@@ -18,8 +18,8 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from vlpretrain.core.image import resize, to_pil
-from vlpretrain.lavit.api import ImageLike, Tokenizer, as_pil
+from vlpretrain.core.image import ImageLike, as_pil, resize, to_pil
+from vlpretrain.lavit.api import Tokenizer
 from vlpretrain.lavit.detokenizer import DiffusionDecoder
 from vlpretrain.lavit.detokenizer_task import LavitDetokenizerTask, load_detokenizer
 from vlpretrain.lavit.tokenizer import DynamicTokenizer

@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from vlpretrain.lavit.api import ImageLike, Tokenizer
+from vlpretrain.core.image import ImageLike
+from vlpretrain.lavit.api import Tokenizer
 from vlpretrain.lavit.generate import (
     SamplingConfig,
     answer_questions,

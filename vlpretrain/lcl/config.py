@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
-from vlpretrain.configs import ConfigError, register_preset
+from vlpretrain.configs import ConfigError, check_at_least, check_divides, register_preset
 from vlpretrain.core.vit import ViTConfig
 
 TASK = "lcl"
@@ -46,11 +46,8 @@ class CausalLMSpec:
     ln_eps: float = 1e-5
 
     def __post_init__(self) -> None:
-        for name in ("width", "layers", "heads", "context_length"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"text.{name}: must be >= 1, got {getattr(self, name)}")
-        if self.width % self.heads:
-            raise ConfigError(f"text.heads: {self.heads} does not divide width {self.width}")
+        check_at_least(self, 1, ("width", "layers", "heads", "context_length"), prefix="text.")
+        check_divides(self.heads, self.width, "text.heads", "width")
         if int(self.width * self.mlp_ratio) < 1 or not self.ln_eps > 0:
             raise ConfigError("text.mlp_ratio / text.ln_eps: must give a non-empty MLP and a positive epsilon")
 
@@ -79,8 +76,7 @@ class LCLDataSpec:
     def __post_init__(self) -> None:
         if not 0.0 <= self.image_first_prob <= 1.0:
             raise ConfigError(f"data.image_first_prob: {self.image_first_prob} is outside [0, 1]")
-        if self.max_images < 1:
-            raise ConfigError(f"data.max_images: must be >= 1, got {self.max_images}")
+        check_at_least(self, 1, ("max_images",), prefix="data.")
         lo_hi = self.crop_scale
         if len(lo_hi) != 2 or not 0 < lo_hi[0] <= lo_hi[1] <= 1:
             raise ConfigError(f"data.crop_scale: expected [low, high] with 0 < low <= high <= 1, got {lo_hi}")
@@ -126,10 +122,8 @@ class LCLConfig:
     def __post_init__(self) -> None:
         if self.vit.qkv_bias != "qkv" or self.vit.head_out:
             raise ConfigError("vit: LCL's encoder is open_clip's ViT: set vit.qkv_bias=qkv and vit.head_out=0")
-        if self.pool_heads < 1 or self.text.width % self.pool_heads:
-            raise ConfigError(f"pool_heads: {self.pool_heads} does not divide the latent size {self.text.width}")
-        if self.con_weight < 0:
-            raise ConfigError(f"con_weight: must be >= 0, got {self.con_weight}")
+        check_divides(self.pool_heads, self.text.width, "pool_heads", "the latent size")
+        check_at_least(self, 0, ("con_weight",))
         if not 0 <= self.init_logit_scale <= MAX_LOGIT_SCALE:
             raise ConfigError(f"init_logit_scale: {self.init_logit_scale} is outside [0, ln 100]")
         if not self.vit.num_patches + 4 <= self.max_len <= self.text.context_length:

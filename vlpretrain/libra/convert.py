@@ -20,16 +20,15 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from vlpretrain.core.key_rules import KeyRule, official_name, our_key, rule_for
+from vlpretrain.core.key_rules import KeyRule, listed, map_source, missing_by_source, official_name, rule_for
 from vlpretrain.core.llm import LlamaSpec, build_llama
-from vlpretrain.core.vit import read_state_dict
+from vlpretrain.core.official_files import copy_text_tokenizer, read_hf_weights
 from vlpretrain.errors import UserError
 from vlpretrain.libra.config import LibraConfig
 from vlpretrain.libra.lm_task import INSTRUCT
@@ -38,7 +37,7 @@ from vlpretrain.libra.text import load_libra_text_tokenizer, newline_id
 from vlpretrain.libra.tokenizer_task import codes_paper
 from vlpretrain.libra.visual_codes import VisualCodesConfig
 from vlpretrain.libra.vocab import VisualVocab
-from vlpretrain.train.pretrained import save_task
+from vlpretrain.train.pretrained import conversion_record, folder_model_config, save_task
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
@@ -51,7 +50,6 @@ UNUSED = ("vision_hidden_placeholder", "naive_placeholder", "vision_logits_place
 REQUIRED = {"vision_prediction_mode": "1d", "concat_signals": True, "norm_signals": True, "addition_mode": False,
             "use_vision_position_embedding": False, "unified_head": False, "use_2d_rope": False,
             "hidden_act": "silu"}  # fmt: skip
-_MAX_LISTED = 8
 # (official submodule path, name) of each image-side module of a layer: model.layers.i.<path>vision_<name>.*
 _EXPERTS = (*(("self_attn.", f"{p}_proj") for p in "qkvo"), *(("mlp.", f"{p}_proj") for p in ("gate", "up", "down")),
             *(("self_attn.", f"{kv}_bridge_on_{side}") for kv in "kv" for side in ("language", "vision")),
@@ -79,20 +77,7 @@ def key_rules(num_layers: int) -> list[KeyRule]:
 
 def read_weights(folder: Path) -> dict[str, Tensor]:
     """The flat state dict of an HF model folder (one weights file, or the shards an index names)."""
-    for name in WEIGHT_FILES:
-        if (folder / name).is_file():
-            return read_state_dict(folder / name)
-    for name in INDEX_FILES:
-        if (folder / name).is_file():
-            try:
-                shards = sorted(set(json.loads((folder / name).read_text())["weight_map"].values()))
-            except (ValueError, KeyError, AttributeError) as err:
-                raise UserError(f"{folder / name}: not an HF weights index ({err})") from err
-            state: dict[str, Tensor] = {}
-            for shard in shards:
-                state |= read_state_dict(folder / shard)
-            return state
-    raise UserError(f"{folder}: no weights ({' or '.join(WEIGHT_FILES + INDEX_FILES)})")
+    return read_hf_weights(folder, WEIGHT_FILES, INDEX_FILES)
 
 
 def config_from_official(config: dict[str, Any], where: str, codes: VisualCodesConfig) -> LibraConfig:
@@ -141,46 +126,14 @@ def _vision_sizes(config: dict[str, Any], tokenizer: str, where: str) -> tuple[i
 def _map(source: dict[str, Tensor], path: Path, expected: dict[str, Tensor], rules: list[KeyRule],
          dtype: torch.dtype) -> tuple[dict[str, Tensor], list[str]]:  # fmt: skip
     """Map every official key; returns (our key -> tensor, official keys known but unused)."""
-    state: dict[str, Tensor] = {}
-    unused: list[str] = []
-    unexpected: list[str] = []
-    mismatched: list[str] = []
-    for key, value in source.items():
-        rule = rule_for(rules, "lm", key)
-        if rule is not None and rule.ours is None:
-            unused.append(key)
-            continue
-        ours = our_key(rule, key) if rule is not None else None
-        if ours not in expected:
-            unexpected.append(key)
-        elif value.shape != expected[ours].shape:
-            mismatched.append(f"{key}: file {tuple(value.shape)}, model {tuple(expected[ours].shape)}")
-        else:
-            state[ours] = value.to(dtype).contiguous()
-    problems = []
-    if unexpected:
-        problems.append(f"unexpected keys {_listed(sorted(unexpected))}")
-    if mismatched:
-        problems.append(f"shapes differ: {_listed(mismatched)}")
-    missing = sorted(official_name(rules, k)[1] for k in set(expected) - set(state))
+    mapped = map_source(source, lambda key: rule_for(rules, "lm", key), expected, dtype)
+    problems = mapped.problems()
+    missing = sorted(k for keys in missing_by_source(rules, expected, mapped.provided).values() for k in keys)
     if missing and not problems:
-        problems.append(f"keys no official file provides: {_listed(missing)}")
+        problems.append(f"keys no official file provides: {listed(missing)}")
     if problems:
         raise UserError(f"{path}: official Libra weights do not fit: " + "; ".join(problems))
-    return state, unused
-
-
-def _listed(items: list[str]) -> str:
-    return ", ".join(items[:_MAX_LISTED]) + (f" (+{len(items) - _MAX_LISTED} more)" if len(items) > _MAX_LISTED else "")
-
-
-def _copy_text_tokenizer(folder: Path, out: Path) -> None:
-    files = [folder / name for name in TOKENIZER_FILES if (folder / name).is_file()]
-    if not any(f.name in ("tokenizer.model", "tokenizer.json") for f in files):
-        raise UserError(f"{folder}: no text tokenizer (tokenizer.model or tokenizer.json)")
-    (out / TEXT_TOKENIZER_DIR).mkdir(parents=True, exist_ok=True)
-    for f in files:
-        shutil.copy2(f, out / TEXT_TOKENIZER_DIR / f.name)
+    return mapped.state, list(mapped.unused)
 
 
 def convert_libra(official_dir: str | Path, out_dir: str | Path, tokenizer: str = "",
@@ -202,7 +155,7 @@ def convert_libra(official_dir: str | Path, out_dir: str | Path, tokenizer: str 
     where = str(folder / "config.json")
     cfg = config_from_official(official, where, _tokenizer_codes(tokenizer))
     feature_dim, _ = _vision_sizes(official, tokenizer, where)
-    _copy_text_tokenizer(folder, out)
+    copy_text_tokenizer(folder, out / TEXT_TOKENIZER_DIR, TOKENIZER_FILES)
     text_tokenizer = load_libra_text_tokenizer(str(out / TEXT_TOKENIZER_DIR))
     newline_id(text_tokenizer)  # Libra needs a single newline token (LLaMA's 13)
     vocab = VisualVocab(int(official["vocab_size"]), cfg.codes.codebook_size, cfg.codes.num_codebooks)
@@ -221,17 +174,7 @@ def convert_libra(official_dir: str | Path, out_dir: str | Path, tokenizer: str 
 
 
 def _tokenizer_codes(tokenizer: str) -> VisualCodesConfig:
-    if not tokenizer:
-        return codes_paper()
-    config_file = Path(tokenizer) / "config.json"
-    if not config_file.is_file():
-        raise UserError(f"--tokenizer: {tokenizer}: not a libra-tokenizer folder (no config.json)")
-    config = json.loads(config_file.read_text())
-    if config.get("task") != "libra-tokenizer":
-        raise UserError(f"--tokenizer: {tokenizer}: a '{config.get('task')}' folder, not a libra-tokenizer")
-    from vlpretrain.train.task import model_config_from_dict
-
-    return model_config_from_dict("libra-tokenizer", config["model"])
+    return folder_model_config(tokenizer, "libra-tokenizer", "--tokenizer") if tokenizer else codes_paper()
 
 
 def export_official(state: dict[str, Tensor], num_layers: int) -> dict[str, Tensor]:
@@ -242,10 +185,7 @@ def export_official(state: dict[str, Tensor], num_layers: int) -> dict[str, Tens
 
 def conversion_summary(out_dir: str | Path) -> str:
     """One line describing a converted folder (from its ``config.json``)."""
-    config = json.loads((Path(out_dir) / "config.json").read_text())
-    info: dict[str, Any] = config.get("converted_from") or {}
-    if not info:
-        raise UserError(f"{out_dir}/config.json: not written by the converter (no converted_from)")
+    config, info = conversion_record(out_dir)
     llm = config["model"]["llm"]
     return (f"converted {info['source']} -> {out_dir}: {info['parameters']:,} parameters ({info['dtype']}), LLaMA "
             f"{llm['num_layers']} x {llm['hidden_size']}, tokenizer {config['model']['tokenizer'] or '(paper sizes)'}"

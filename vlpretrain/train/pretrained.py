@@ -50,6 +50,37 @@ def load_task(path: str | Path, expect_task: str | None = None) -> tuple[nn.Modu
     return task.eval(), config
 
 
+def folder_model_config(folder: str | Path, task: str, option: str) -> Any:
+    """The model config recorded in the ``config.json`` of a saved ``task`` folder that the user gave as ``option``.
+
+    Raises:
+        UserError: no ``config.json``, or one of another task (``option`` and the folder are named).
+    """
+    config_file = Path(folder) / "config.json"
+    if not config_file.is_file():
+        raise UserError(f"{option}: {folder}: not a {task} folder (no config.json)")
+    config = json.loads(config_file.read_text())
+    if config.get("task") != task:
+        raise UserError(f"{option}: {folder}: a '{config.get('task')}' folder, not a {task}")
+    return model_config_from_dict(task, config["model"])
+
+
+def conversion_record(out_dir: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(``config.json``, its ``converted_from`` record) of a folder a converter wrote, for its summary line.
+
+    Raises:
+        UserError: no ``config.json``, or one without a ``converted_from`` record.
+    """
+    config_file = Path(out_dir) / "config.json"
+    if not config_file.is_file():
+        raise UserError(f"{config_file}: no such file")
+    config = json.loads(config_file.read_text())
+    info = config.get("converted_from") if isinstance(config, dict) else None
+    if not info:
+        raise UserError(f"{out_dir}/config.json: not written by the converter (no converted_from)")
+    return config, info
+
+
 def load_weights(module: nn.Module, path: Path) -> None:
     """Strictly load a safetensors file into ``module``, naming missing, unexpected and mis-shaped keys."""
     state = load_file(str(path))

@@ -20,8 +20,7 @@ def read_image(value: str | Path | Image.Image | np.ndarray | None) -> Image.Ima
         UserError: nothing uploaded, or a file that is not a usable image (corrupt, too small, too large); the
             message names the file by its base name, not gradio's temporary path.
     """
-    from vlpretrain.core.image import ImageError
-    from vlpretrain.lavit.api import as_pil
+    from vlpretrain.core.image import ImageError, as_pil
 
     if value is None or (isinstance(value, str) and not value):
         raise UserError(NO_IMAGE)
