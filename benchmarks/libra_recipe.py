@@ -2,7 +2,9 @@
 
 ``python -m benchmarks.libra_recipe [--out runs/libra_tiny] [--data runs/demo/data] [--encoder FILE]``
 
-1. the shared text tokenizer folder (``vlpretrain libra text-tokenizer``);
+1. the shared text tokenizer folder (``vlpretrain libra text-tokenizer``) and the text LM's shards
+   (:func:`vlpretrain.libra.text_data.write_text_shards`: the shapes-world shards with a fixed-order list of the
+   attribute words before half of the captions, so that the frozen LM can tell "red" from "blue");
 2. ``text-lm`` (configs/libra_text_lm_tiny.yaml): the LLaMA that stage 1 freezes, on captions + QA text;
 3. ``libra-tokenizer`` (configs/libra_tokenizer_tiny.yaml): the lookup-free quantiser on the frozen demo encoder;
 4. ``libra-pretrain`` (configs/libra_pretrain_tiny.yaml), then caption attribute F1 on held-out images and the
@@ -61,10 +63,11 @@ def run(out: Path, data: Path, encoder: Path, eval_images: int) -> dict[str, Any
     """Every stage in order; returns ``{"stages": {name: {"seconds", ...metrics}}, ...}``."""
     from vlpretrain.libra.evaluate import run as evaluate
     from vlpretrain.libra.text import save_text_tokenizer
+    from vlpretrain.libra.text_data import write_text_shards
 
     _prerequisites(data, encoder)
     stages: dict[str, dict[str, float]] = {}
-    text_tok, text_lm, codes = out / "text_tokenizer", out / "text_lm", out / "tokenizer"
+    text_tok, text_lm, codes, text_data = out / "text_tokenizer", out / "text_lm", out / "tokenizer", out / "text_data"
     pretrain, instruct = out / "pretrain", out / "instruct"
     start = time.perf_counter()
 
@@ -75,6 +78,8 @@ def run(out: Path, data: Path, encoder: Path, eval_images: int) -> dict[str, Any
         print(f"[libra recipe] {name}: {json.dumps(stages[name])}", flush=True)
 
     timed("text_tokenizer", lambda: save_text_tokenizer("shapes-world-libra", text_tok) and None)
+    timed("text_data", lambda: {split: write_text_shards(data / split, text_data / split)["with_list"]
+                                for split in ("train", "val")})  # fmt: skip
     trained = {  # stage -> (config, overrides)
         "text_lm": ("libra_text_lm_tiny.yaml", [f"out_dir={text_lm}", f"model.tokenizer={text_tok}"]),
         "visual_codes": ("libra_tokenizer_tiny.yaml", [f"out_dir={codes}", f"model.encoder.path={encoder}"]),
@@ -83,7 +88,7 @@ def run(out: Path, data: Path, encoder: Path, eval_images: int) -> dict[str, Any
         "stage2": ("libra_instruct_tiny.yaml", [f"out_dir={instruct}", f"model.init={pretrain}"]),
     }  # fmt: skip
     for name in ("text_lm", "visual_codes", "stage1"):
-        timed(name, lambda name=name: _train(*trained[name], data))
+        timed(name, lambda name=name: _train(*trained[name], text_data if name == "text_lm" else data))
     timed("stage1_eval", lambda: evaluate(pretrain, data / "test", limit=eval_images, vqa=False, text_lm=text_lm,
                                           out=pretrain / "eval"))  # fmt: skip
     timed("stage2", lambda: _train(*trained["stage2"], data))

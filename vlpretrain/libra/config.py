@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from vlpretrain.configs import ConfigError
+from vlpretrain.configs import ConfigError, check_at_least
 from vlpretrain.core.llm import LlamaSpec
+from vlpretrain.libra.model import EXPERT_INITS
 from vlpretrain.libra.visual_codes import VisualCodesConfig
 
 
@@ -32,6 +33,8 @@ class LibraConfig:
         text_vocab: T, rows of the LLaMA's text embedding (0 = the text tokenizer's size); recorded once built.
         down_ratio: rank of the visual experts = output size / down_ratio (official 4).
         bridge_rank: rank of the four key/value bridges per layer (official 8; 0 = no bridge).
+        expert_init: how the visual experts start: "random" (official) or "lm" (truncated SVD of the text layer's
+            weights, norms copied; ours, see docs/libra.md). Only read when the model is built without ``init``.
         max_len: positions per training row (text beyond it is cut; the image must fit).
         train_lm: train the LLaMA too (stage 2); False freezes every ``model.lm.*`` weight (stage 1).
         visual_loss_weight: weight of the image-code targets in the loss (official 1.0).
@@ -47,6 +50,7 @@ class LibraConfig:
     text_vocab: int = 0
     down_ratio: int = 4
     bridge_rank: int = 8
+    expert_init: str = "random"
     max_len: int = 128
     train_lm: bool = False
     visual_loss_weight: float = 1.0
@@ -55,12 +59,15 @@ class LibraConfig:
     def __post_init__(self) -> None:
         if self.init and self.text_lm:
             raise ConfigError("init / text_lm: give one (init already holds a trained LLaMA)")
-        if self.down_ratio < 1 or self.bridge_rank < 0 or self.text_vocab < 0:
-            raise ConfigError("down_ratio must be >= 1, bridge_rank and text_vocab >= 0")
+        check_at_least(self, 1, ("down_ratio",))
+        check_at_least(self, 0, ("bridge_rank", "text_vocab"))
         if not 8 <= self.max_len <= self.llm.max_positions:
             raise ConfigError(f"max_len: {self.max_len} must be in 8..llm.max_positions ({self.llm.max_positions})")
-        if self.visual_loss_weight < 0 or not 0 <= self.caption_round_prob <= 1:
-            raise ConfigError("visual_loss_weight must be >= 0 and caption_round_prob in [0, 1]")
+        if self.expert_init not in EXPERT_INITS:
+            raise ConfigError(f"expert_init: '{self.expert_init}' must be one of {', '.join(EXPERT_INITS)}")
+        check_at_least(self, 0, ("visual_loss_weight",))
+        if not 0 <= self.caption_round_prob <= 1:
+            raise ConfigError(f"caption_round_prob: {self.caption_round_prob} is outside [0, 1]")
 
 
 __all__ = ["LibraConfig"]

@@ -107,6 +107,25 @@ class VisionLayer(nn.Module):
             elif isinstance(module, LlamaRMSNorm):
                 nn.init.ones_(module.weight)
 
+    @torch.no_grad()
+    def init_from_text(self, text: LlamaDecoderLayer) -> None:
+        """Start from the text layer (ours, not official): each expert map = the best rank-R approximation (truncated
+        SVD) of the text layer's map, split evenly into A = sqrt(S) V^T and B = U sqrt(S); norms copied. At full rank
+        (``down_ratio`` 1) image positions start out processed exactly as text positions would be."""
+        attn, mlp = text.self_attn, text.mlp
+        pairs = {"q_proj": attn.q_proj, "k_proj": attn.k_proj, "v_proj": attn.v_proj, "o_proj": attn.o_proj,
+                 "gate_proj": mlp.gate_proj, "up_proj": mlp.up_proj, "down_proj": mlp.down_proj}  # fmt: skip
+        for name, linear in pairs.items():
+            expert: LowRankLinear = getattr(self, name)
+            rank = expert.weight_A.shape[0]
+            u_OR, s_R, vh_RI = torch.linalg.svd(linear.weight.float(), full_matrices=False)
+            kept = min(rank, len(s_R))  # a rank above min(out, in) leaves the extra factors at zero
+            root_R = s_R[:kept].sqrt()
+            expert.weight_A.zero_()[:kept] = root_R[:, None] * vh_RI[:kept]
+            expert.weight_B.zero_()[:, :kept] = u_OR[:, :kept] * root_R
+        self.input_layernorm.weight.copy_(text.input_layernorm.weight)
+        self.post_attention_layernorm.weight.copy_(text.post_attention_layernorm.weight)
+
     def mlp(self, x_MH: Tensor) -> Tensor:
         """The SiLU-gated expert MLP: [M, H] -> [M, H]."""
         return self.down_proj(F.silu(self.gate_proj(x_MH)) * self.up_proj(x_MH))

@@ -158,7 +158,7 @@ class LibraLMTask(nn.Module):
         if self.text_tokenizer.vocab_size > vocab.text_size:  # (added tokens such as LLaMA's <img_ph> are not fed)
             raise ConfigError(f"text_tokenizer: {self.text_tokenizer.vocab_size} ids, the LLaMA has "
                               f"{vocab.text_size} rows")  # fmt: skip
-        self.model = LibraLM(lm, vocab, tokenizer.feature_dim, cfg.down_ratio, cfg.bridge_rank)
+        self.model = LibraLM(lm, vocab, tokenizer.feature_dim, cfg.down_ratio, cfg.bridge_rank, cfg.expert_init)
         self.ids = special_ids(self.text_tokenizer)
         if cfg.init:
             from vlpretrain.train.pretrained import load_weights, resolve_checkpoint

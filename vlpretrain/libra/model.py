@@ -35,6 +35,8 @@ from vlpretrain.libra.expert import VisionLayer
 from vlpretrain.libra.routing import Routing
 from vlpretrain.libra.vocab import VisualVocab
 
+EXPERT_INITS = ("random", "lm")
+
 
 class VisionSide(nn.Module):
     """The image-specific modules: per-layer experts, input embedding, final norm and heads."""
@@ -86,20 +88,28 @@ class LibraLM(nn.Module):
         feature_dim: F, size of the frozen encoder's feature at an image position.
         down_ratio: expert rank = output size / down_ratio (official 4).
         bridge_rank: rank of the bridges (official 8; 0 = no bridge).
+        expert_init: "random" (official: both factors N(0, initializer_range)) or "lm" (each expert starts as the
+            truncated SVD of its text layer's weights, norms copied; ours).
     """
 
     def __init__(self, lm: LlamaForCausalLM, vocab: VisualVocab, feature_dim: int, down_ratio: int = 4,
-                 bridge_rank: int = 8) -> None:  # fmt: skip
+                 bridge_rank: int = 8, expert_init: str = "random") -> None:  # fmt: skip
         super().__init__()
         check_llama(lm, vocab)
+        if expert_init not in EXPERT_INITS:
+            raise ValueError(f"expert_init: '{expert_init}' is not one of {EXPERT_INITS}")
         self.lm = lm
         self.vocab = vocab
         self.vision = VisionSide(lm, vocab, feature_dim, down_ratio, bridge_rank)
+        self.expert_init = expert_init
         self.init_weights()
 
     def init_weights(self) -> None:
         """Only the image side is initialised here; the LM keeps its weights."""
         self.vision.init_weights(self.lm.config.initializer_range)
+        if self.expert_init == "lm":
+            for text_layer, image_layer in zip(self.lm.model.layers, self.vision.layers, strict=True):
+                image_layer.init_from_text(text_layer)
 
     # ------------------------------------------------------------------------------------------------ embedding
 
@@ -188,4 +198,4 @@ def check_llama(lm: LlamaForCausalLM, vocab: VisualVocab) -> None:
         raise ValueError("LLaMA not supported by Libra: " + "; ".join(problems))
 
 
-__all__ = ["LibraLM", "LibraOutput", "VisionSide", "check_llama"]
+__all__ = ["EXPERT_INITS", "LibraLM", "LibraOutput", "VisionSide", "check_llama"]
