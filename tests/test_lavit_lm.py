@@ -209,6 +209,21 @@ def test_frozen_visual_gives_the_tokenizers_codes(task: LavitLMTask) -> None:
     torch.testing.assert_close(ours[valid], task.visual.vit_proj(merged)[valid])
 
 
+def test_visual_keep_all_is_the_fixed_length_baseline(shapes_data: Path) -> None:
+    """``visual_keep="all"``: every patch becomes a visual token in both image orders, so every understanding image
+    fills N slots and every generated image has N codes (the dynamic tokenizer keeps fewer)."""
+    fixed = micro_task(visual_keep="all").eval()
+    n = fixed.tokenizer.num_patches
+    batch = first_batch(fixed, shapes_data)
+    packed = fixed.prepare(batch)
+    assert bool(packed["keep_BN"].all()) and len(packed["slot_row"]) == n * len(packed["keep_BN"])
+    gen = [p.kind == "generate" for p in batch["plans"]]
+    codes = fixed.frozen_visual(batch["image"], gen).codes
+    assert [len(c) for c in codes if c is not None] == [n] * sum(gen)
+    dynamic = micro_task().eval()
+    assert int(dynamic.prepare(first_batch(dynamic, shapes_data))["keep_BN"].sum()) < int(packed["keep_BN"].sum())
+
+
 # ----------------------------------------------------------------------------------------------- packing
 
 

@@ -23,7 +23,7 @@ import copy
 import functools
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -57,6 +57,9 @@ class LavitLMConfig:
         text_ratio: text-only documents per image-text pair (2.0 = the maintainers' 2:1).
         train_merger: fine-tune the understanding merger (the official does); False keeps the tokenizer's.
         detokenizer: a ``lavit-detokenizer`` folder that turns generated codes into pixels ("" = none).
+        visual_keep: which patches become visual tokens, in training and inference: "" = the tokenizer's own
+            ``eval_keep`` (the dynamic tokens); "all" = every patch (the fixed-length baseline of the paper's
+            dynamic-vs-fixed ablation); "deterministic" / "sample" force that mode.
     """
 
     llm: LlamaSpec = field(default_factory=LlamaSpec)
@@ -69,6 +72,7 @@ class LavitLMConfig:
     text_ratio: float = 2.0
     train_merger: bool = True
     detokenizer: str = ""
+    visual_keep: Literal["", "deterministic", "sample", "all"] = ""
 
     def __post_init__(self) -> None:
         if self.max_len < 8:
@@ -205,6 +209,8 @@ class LavitLM(nn.Module):
         self.text_tokenizer = text_tokenizer_for(cfg.text_tokenizer)
         tokenizer = tokenizer if tokenizer is not None else load_frozen_tokenizer(cfg.tokenizer, cfg.tokenizer_preset)
         tokenizer.eval().requires_grad_(False)
+        if cfg.visual_keep:  # the given tokenizer now tokenises this way for its every user
+            tokenizer.cfg.eval_keep = cfg.visual_keep
         self._frozen = (tokenizer,)  # a tuple keeps it out of the module tree: not trained, saved or wrapped
         self.vocab = VisualVocab(len(self.text_tokenizer), tokenizer.cfg.codebook_size)
         self.lm = build_language_model(cfg.llm, self.vocab)

@@ -48,7 +48,8 @@ class TokenizerConfig:
         ratio_weight, commit_weight: loss weights.
         quant_warmup_steps: training forward calls before quantisation switches on.
         ema_decay, kmeans_iters, dead_code_threshold: codebook training (see vlpretrain.core.quantize).
-        eval_keep: keep decisions outside training: "deterministic" (p_keep > 0.5) or "sample" (official).
+        eval_keep: keep decisions outside training: "deterministic" (the calibrated threshold), "sample"
+            (official), or "all" (every patch: the fixed-length baseline of the paper's dynamic-vs-fixed ablation).
         eval_merger: "kept" computes only kept rows when tokenising (fast, exact up to the official eps-softmax's
             ~1e-6 leak); "dense" runs the official all-rows algorithm (bit-for-bit official codes, ~3x slower).
         policy_decoder: in training, decode all rows with the keep mask as attention policy, so that the selector
@@ -78,7 +79,7 @@ class TokenizerConfig:
     ema_decay: float = 0.99
     kmeans_iters: int = 10
     dead_code_threshold: float = 0.05
-    eval_keep: Literal["deterministic", "sample"] = "deterministic"
+    eval_keep: Literal["deterministic", "sample", "all"] = "deterministic"
     eval_merger: Literal["kept", "dense"] = "kept"
     policy_decoder: bool = True
     calibrate_threshold: bool = True
@@ -149,7 +150,9 @@ class DynamicTokenizer(nn.Module):
         return keep_BN
 
     def inference_keep(self, logp_BN2: Tensor) -> Tensor:
-        """Keep decisions [B, N] of ``cfg.eval_keep``: the calibrated deterministic threshold, or a sample."""
+        """Keep decisions [B, N] of ``cfg.eval_keep``: the calibrated deterministic threshold, a sample, or all."""
+        if self.cfg.eval_keep == "all":
+            return torch.ones_like(logp_BN2[..., 0])
         if self.cfg.eval_keep == "deterministic":
             return self.token_predictor.deterministic(logp_BN2)
         return keep_decision(logp_BN2, "sample")
