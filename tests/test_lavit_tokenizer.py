@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -44,6 +46,27 @@ def test_quantisation_switches_on_after_the_warm_up(images) -> None:
     second = tok(images)
     assert second.commit > 0 and not torch.equal(tok.quantize.codebook, before)
     assert int(tok.train_calls) == 2
+
+
+def test_keep_entropy_term_adds_the_mean_binary_entropy(images) -> None:
+    """``keep_entropy_weight`` w adds w x the mean over patches of -p log p - (1-p) log(1-p) to each image's loss,
+    and its gradient reaches the selector (same Gumbel draws in both runs)."""
+    from vlpretrain.lavit.selector import keep_entropy
+
+    p = torch.tensor([[0.5, 0.9, 1.0]])
+    logp = torch.stack([p, 1 - p], dim=-1).log()
+    expected = torch.tensor([[math.log(2), -(0.9 * math.log(0.9) + 0.1 * math.log(0.1)), 0.0]])
+    torch.testing.assert_close(keep_entropy(logp), expected)
+    plain, weighted = tiny().train(), tiny(keep_entropy_weight=0.5).train()
+    x = plain.encoder(images)
+    torch.manual_seed(1)
+    base = plain.forward_features(x).loss_B
+    torch.manual_seed(1)
+    out = weighted.forward_features(x).loss_B
+    entropy = keep_entropy(weighted.token_predictor(x)).mean(dim=1)
+    torch.testing.assert_close(out - base, 0.5 * entropy.detach(), atol=1e-5, rtol=1e-4)
+    out.sum().backward()
+    assert weighted.token_predictor.out_conv[-2].weight.grad.abs().sum() > 0
 
 
 def test_tokenize_then_decode(images) -> None:

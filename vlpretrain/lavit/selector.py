@@ -87,3 +87,8 @@ def ratio_loss(keep_BN: Tensor, rho: float, per_image: bool) -> Tensor:
     if per_image:
         return (rho - kept) ** 2
     return ((rho - kept.mean()) ** 2).expand_as(kept)
+
+
+def keep_entropy(logp_BN2: Tensor) -> Tensor:
+    """Binary entropy (nats) of each patch's keep decision [B, N] from the log-probabilities [B, N, 2]."""
+    return torch.special.entr(logp_BN2.float().exp()).sum(dim=-1)

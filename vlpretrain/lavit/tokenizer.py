@@ -31,7 +31,7 @@ from vlpretrain.core.encoders import EncoderSpec, build_encoder
 from vlpretrain.core.quantize import CosineCodebook
 from vlpretrain.lavit.feature_decoder import FeatureDecoder
 from vlpretrain.lavit.merger import TokenMerger, kept_index
-from vlpretrain.lavit.selector import TokenSelector, keep_decision, ratio_loss
+from vlpretrain.lavit.selector import TokenSelector, keep_decision, keep_entropy, ratio_loss
 
 
 @dataclass
@@ -46,6 +46,8 @@ class TokenizerConfig:
         rho: the target kept fraction.
         ratio_per_image: penalise each image's kept fraction (True) or the batch's mean (False).
         ratio_weight, commit_weight: loss weights.
+        keep_entropy_weight: weight of the mean binary entropy of the keep probabilities (0 = off, official): a
+            confident selector keeps in deterministic inference what it kept in training.
         quant_warmup_steps: training forward calls before quantisation switches on.
         ema_decay, kmeans_iters, dead_code_threshold: codebook training (see vlpretrain.core.quantize).
         eval_keep: keep decisions outside training: "deterministic" (the calibrated threshold), "sample"
@@ -75,6 +77,7 @@ class TokenizerConfig:
     ratio_per_image: bool = True
     ratio_weight: float = 2.0
     commit_weight: float = 1.0
+    keep_entropy_weight: float = 0.0
     quant_warmup_steps: int = 100
     ema_decay: float = 0.99
     kmeans_iters: int = 10
@@ -141,7 +144,10 @@ class DynamicTokenizer(nn.Module):
 
         In training with ``calibrate_threshold`` the selector's deterministic threshold is calibrated to ``rho``.
         """
-        logp_BN2 = self.token_predictor(x_BND)
+        return self.decide_keep(self.token_predictor(x_BND))
+
+    def decide_keep(self, logp_BN2: Tensor) -> Tensor:
+        """:meth:`keep_mask` given the selector's log-probabilities [B, N, 2]."""
         if not self.training:
             return self.inference_keep(logp_BN2)
         keep_BN = keep_decision(logp_BN2, "gumbel")
@@ -167,7 +173,8 @@ class DynamicTokenizer(nn.Module):
         In training with ``policy_decoder`` every row goes through merger, quantizer and decoder, the keep mask acting
         as an attention policy (see :meth:`FeatureDecoder.forward_policy`); otherwise only the kept rows do.
         """
-        keep_BN = self.keep_mask(x_BND)
+        logp_BN2 = self.token_predictor(x_BND)
+        keep_BN = self.decide_keep(logp_BN2)
         quantizing = not self.training or int(self.train_calls) >= self.cfg.quant_warmup_steps
         if self.training:
             self.train_calls += 1
@@ -182,6 +189,8 @@ class DynamicTokenizer(nn.Module):
         cos_BN = F.cosine_similarity(rec_BND.float(), x_BND.float(), dim=-1)
         ratio_B = ratio_loss(keep_BN, self.cfg.rho, self.cfg.ratio_per_image)
         loss_B = (1 - cos_BN).mean(dim=1) + self.cfg.ratio_weight * ratio_B + self.cfg.commit_weight * commit
+        if self.cfg.keep_entropy_weight:
+            loss_B = loss_B + self.cfg.keep_entropy_weight * keep_entropy(logp_BN2).mean(dim=1)
         return TokenizerOutput(loss_B, cos_BN.mean().detach(), keep_BN.mean().detach(), commit.detach(), stats)
 
     def _quantize(self, z: Tensor, valid: Tensor, quantizing: bool) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
