@@ -215,6 +215,26 @@ def test_task_loss_is_gen_mean_plus_weighted_image_term(objective: str) -> None:
     assert (out["loss"] / targets).item() == pytest.approx((gen + 0.3 * term).item(), rel=1e-5)
 
 
+def _encoder_grad_norm(objective: str, image_token_grad: bool) -> float:
+    """Norm of the ViT's gradient after one backward of the task loss on a two-image document."""
+    task = tiny_task(objective=objective, image_token_grad=image_token_grad)
+    v = task.vocab
+    block = [v.soi, *[v.img] * N, v.eoi]
+    ids = _ids(task, [[v.sot, 20, *block, 21, 22, *block, 23, v.eot], [v.sot, 24, *block, 25, v.eot]])
+    torch.manual_seed(1)
+    task({"pixels": torch.randn(3, 3, 32, 32), "input_ids": ids})["loss"].backward()
+    grads = [p.grad.flatten() for p in task.visual.parameters() if p.grad is not None]
+    return float(torch.cat(grads).norm()) if grads else 0.0
+
+
+def test_image_token_grad_false_keeps_only_the_pooled_latent_path() -> None:
+    # generation only: with the LM's image tokens detached nothing reaches the encoder
+    assert _encoder_grad_norm("gen", True) > 0 and _encoder_grad_norm("gen", False) == 0.0
+    # LCL: the contrastive target (the pooled latent) still trains the encoder, but L_gen no longer does
+    detached, full = _encoder_grad_norm("lcl", False), _encoder_grad_norm("lcl", True)
+    assert detached > 0 and abs(detached - full) > 1e-6 * full
+
+
 def test_logit_scale_is_clamped_before_use() -> None:
     task = tiny_task(objective="clip")
     with torch.no_grad():
@@ -252,6 +272,23 @@ def test_document_batches_from_shapes_world(objective: str, shapes_data: Path) -
     assert torch.isfinite(out["loss"]) and all(
         p.grad is not None and torch.isfinite(p.grad).all() for p in task.parameters() if p.requires_grad
     )
+
+
+def test_documents_as_pairs_gives_one_pair_row_per_image(shapes_data: Path) -> None:
+    data = DataConfig(train=str(shapes_data / "train" / "docs.jsonl"), batch_size=3, shuffle_buffer=0)
+    clip = next(iter(DataStream(tiny_task(objective="clip").build_dataset(data, "train", 0, 1))))
+    task = tiny_task(data={"documents_as_pairs": True, "image_first_prob": 0.5})
+    batch = next(iter(DataStream(task.build_dataset(data, "train", 0, 1))))
+    ids, v = batch["input_ids"], task.vocab
+    assert len(ids) == len(batch["pixels"]) == len(clip["input_ids"]) > 3
+    assert ((ids == v.soi).sum(dim=1) == 1).all() and int((ids == v.img).sum()) == N * len(ids)
+    image_first = ids[:, 0] == v.soi
+    assert 0 < int(image_first.sum()) < len(ids)  # both layouts occur
+    for row, first, clip_row in zip(ids.tolist(), image_first.tolist(), clip["input_ids"].tolist(), strict=True):
+        text = [t for t in clip_row if t not in (v.pad, v.sot, v.soi)]  # the image's own sentence
+        real = [t for t in row if t not in (v.pad, v.img)]
+        assert real == ([v.soi, v.eoi, *text, v.eot] if first else [v.sot, *text, v.soi, v.eoi])
+    assert torch.isfinite(task(batch)["loss"])
 
 
 @pytest.mark.parametrize("name", ["lcl_tiny.yaml", "lcl_paper.yaml", "lcl_synth.yaml"])

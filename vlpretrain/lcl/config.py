@@ -64,6 +64,9 @@ class LCLDataSpec:
         min_sim: MMC4 image-sentence similarity threshold.
         max_images: MMC4 images per document.
         crop_scale: random-resized-crop area range of training images ([1, 1] = resize only).
+        documents_as_pairs: sequence objectives read each document image with its sentence as a PAIR row (the pair
+            layout above) instead of the whole document: a diagnostic that separates the objective from the
+            document context (the CLIP-style baseline always reads pairs).
     """
 
     format: DataFormat = "auto"
@@ -72,6 +75,7 @@ class LCLDataSpec:
     min_sim: float = 0.24
     max_images: int = 6
     crop_scale: list[float] = field(default_factory=lambda: [0.9, 1.0])
+    documents_as_pairs: bool = False
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.image_first_prob <= 1.0:
@@ -97,6 +101,9 @@ class LCLConfig:
         objective: "lcl" (lambda * L_con + L_gen), "clip" (contrastive on image-text pairs only), "gen"
             (generation only, Flamingo-style) or "emu" (L_gen + lambda * latent regression, Emu-style).
         con_weight: lambda, the weight of the contrastive (lcl) or regression (emu) term.
+        image_token_grad: whether the image tokens the LM reads pass gradient back to the encoder (the paper's and
+            the official code's choice). False is a diagnostic: the encoder then learns only through the pooled
+            latent (the contrastive target), and L_gen no longer reaches it.
         init_logit_scale: initial log logit scale (clamped to [0, ln 100] whenever used).
         max_len: tokens per sequence (pair or document rows; longer documents are cut).
         tokenizer: "shapes-world" (built in), a local HF tokenizer folder, or "" (no text side: converted weights
@@ -112,6 +119,7 @@ class LCLConfig:
     pool_heads: int = 2
     objective: Objective = "lcl"
     con_weight: float = 0.1
+    image_token_grad: bool = True
     init_logit_scale: float = math.log(1 / 0.07)
     max_len: int = 512
     tokenizer: str = "shapes-world"

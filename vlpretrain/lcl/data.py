@@ -116,16 +116,23 @@ class LCLCollate:
         n, max_len, prob = self.cfg.vit.num_patches, self.cfg.max_len, self.cfg.data.image_first_prob
         rows, images = [], []
         for ex in examples:
-            if self.fmt == "pairs":
-                (_, text), (_, image) = ex["items"]
-                rows.append(pair_ids(text, self.vocab, n, rng.random() < prob, max_len))
-                images.append(image)
+            if self.fmt == "pairs" or self.cfg.data.documents_as_pairs:
+                for image, text in self._pairs(ex):
+                    rows.append(pair_ids(text, self.vocab, n, rng.random() < prob, max_len))
+                    images.append(image)
                 continue
             items = place_images(ex["items"], prob, rng) if self.fmt == "mmc4" else ex["items"]
             ids, kept = document_ids(items, self.vocab, n, max_len)
             rows.append(ids)
             images += kept
         return rows, images
+
+    def _pairs(self, example: dict[str, Any]) -> list[tuple[Any, list[int]]]:
+        """(image, text ids) of a pair sample, or of each image of a document with its sentence."""
+        if self.fmt == "pairs":
+            (_, text), (_, image) = example["items"]
+            return [(image, text)]
+        return document_pairs(example["items"], image_after_text=self.fmt != "obelics")
 
     def _clip_rows(self, examples: list[dict[str, Any]]) -> tuple[list[list[int]], list]:
         rows, images = [], []

@@ -62,6 +62,7 @@ class LCLTask(LCLModel):
             con_sum, _ = contrastive_loss_sum(image_XE, text_XE, self.logit_scale_exp())
             out = {"loss": con_sum, "con": con_sum.detach() / max(len(image_XE), 1)}
         else:
+            tokens_INE = tokens_INE if self.cfg.image_token_grad else tokens_INE.detach()
             out = self._sequence_losses(ids_BL, self.run_sequences(ids_BL, tokens_INE), pooled_IE)
         out["loss"] = out["loss"] + self._anchor()
         out["scale"] = self.logit_scale_exp().detach()
