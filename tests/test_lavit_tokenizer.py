@@ -69,6 +69,16 @@ def test_keep_entropy_term_adds_the_mean_binary_entropy(images) -> None:
     assert weighted.token_predictor.out_conv[-2].weight.grad.abs().sum() > 0
 
 
+def test_keep_entropy_gradient_is_finite_for_saturated_decisions() -> None:
+    from vlpretrain.lavit.selector import keep_entropy
+
+    logits = torch.tensor([[[0.0, 200.0], [-150.0, 150.0], [1.0, -1.0]]], requires_grad=True)
+    entropy = keep_entropy(torch.log_softmax(logits, dim=-1))
+    entropy.sum().backward()
+    assert torch.isfinite(logits.grad).all() and logits.grad[0, 2].abs().sum() > 0
+    assert entropy[0, :2].abs().max() < 1e-30
+
+
 def test_tokenize_then_decode(images) -> None:
     tok = tiny().eval()
     ids, keep = tok.tokenize(images)

@@ -90,5 +90,10 @@ def ratio_loss(keep_BN: Tensor, rho: float, per_image: bool) -> Tensor:
 
 
 def keep_entropy(logp_BN2: Tensor) -> Tensor:
-    """Binary entropy (nats) of each patch's keep decision [B, N] from the log-probabilities [B, N, 2]."""
-    return torch.special.entr(logp_BN2.float().exp()).sum(dim=-1)
+    """Binary entropy (nats) of each patch's keep decision [B, N] from the log-probabilities [B, N, 2].
+
+    Computed as -sum p log p on the log-probabilities (clamped at -100), whose gradient -p (log p + 1) stays finite
+    for a saturated decision; ``entr(exp(logp))`` would give 0 x inf = NaN once exp(logp) underflows to 0.
+    """
+    logp_BN2 = logp_BN2.float().clamp(min=-100.0)
+    return -(logp_BN2.exp() * logp_BN2).sum(dim=-1)
