@@ -156,3 +156,17 @@ def test_default_pretraining_reaches_high_patch_accuracy() -> None:
     assert metrics["steps"] == 600
     assert metrics["shape_acc"] >= 0.9 and metrics["color_acc"] >= 0.9 and metrics["position_acc"] >= 0.95
     assert metrics["background_acc"] >= 0.95
+
+
+@pytest.mark.parametrize("count_grad", [True, False])
+def test_count_target_reaches_the_features_only_when_asked(count_grad: bool) -> None:
+    from vlpretrain.lavit.demo_encoder import PatchHeads
+
+    torch.manual_seed(0)
+    feats_BND = torch.randn(3, 16, 32, requires_grad=True)
+    heads = PatchHeads(32, SYNTH.max_objects, count_grad=count_grad)
+    loss = torch.nn.functional.cross_entropy(heads(feats_BND)["count"], torch.tensor([1, 2, 3]))
+    loss.backward()
+    assert heads.count.weight.grad.abs().sum() > 0  # the read-out trains either way
+    reached = feats_BND.grad is not None and bool(feats_BND.grad.abs().sum() > 0)
+    assert reached == count_grad

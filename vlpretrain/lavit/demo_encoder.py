@@ -105,6 +105,9 @@ class DemoEncoderConfig:
             where each patch is: LaVIT's feature decoder places tokens only by their rank in the kept sequence, so
             its reconstruction needs positions carried by the features themselves (EVA-CLIP's do; without this
             target a linear probe finds the exact position of only 32% of the tiny ViT's patches).
+        count_target: let the object-count loss shape the features (the count head reads their mean); False trains
+            the count head on detached features, a read-out that reports count accuracy without making every
+            patch carry the scene's object count.
         whiten_patches: initialise the patch embedding to PCA-whiten the training images' patches
             (:func:`init_patch_embed_whitening`) instead of at random.
         time_limit_s: wall-clock budget of the optimisation loop; when it runs out the learning-rate schedule has
@@ -126,6 +129,7 @@ class DemoEncoderConfig:
     bf16: bool = True
     whiten_patches: bool = True
     position_target: bool = True
+    count_target: bool = True
     time_limit_s: float = 150.0
     eval_images: int = 500
     seed: int = 0
@@ -285,10 +289,12 @@ class PatchHeads(nn.Module):
         dim: D, the ViT width.
         max_objects: the largest object count (the count head has ``max_objects + 1`` classes).
         num_patches: N; 0 = no position head.
+        count_grad: whether the count loss reaches the features (False: the count head reads detached features).
     """
 
-    def __init__(self, dim: int, max_objects: int, num_patches: int = 0) -> None:
+    def __init__(self, dim: int, max_objects: int, num_patches: int = 0, count_grad: bool = True) -> None:
         super().__init__()
+        self.count_grad = count_grad
         self.norm = nn.LayerNorm(dim)
         self.patch = nn.Linear(dim, sum(PATCH_HEADS.values()))
         self.count = nn.Linear(dim, max_objects + 1)
@@ -311,7 +317,8 @@ class PatchHeads(nn.Module):
         "size": [B, N, 2], "count": [B, max_objects + 1]}`` and, with a position head, ``"position": [B, N, N]``."""
         x_BND = self.norm(feats_BND)
         logits = dict(zip(PATCH_HEADS, self.patch(x_BND).split(list(PATCH_HEADS.values()), dim=-1), strict=True))
-        logits["count"] = self.count(x_BND.mean(dim=1))
+        pooled_BD = x_BND.mean(dim=1)
+        logits["count"] = self.count(pooled_BD if self.count_grad else pooled_BD.detach())
         if self.position is not None:
             logits["position"] = self.position(x_BND)
         return logits
@@ -521,7 +528,8 @@ def train_dense(
         )
     torch.manual_seed(cfg.seed)
     vit = VisionTransformer(vit_cfg).train()
-    heads = PatchHeads(vit_cfg.width, synth.max_objects, vit.num_patches if cfg.position_target else 0).train()
+    num_positions = vit.num_patches if cfg.position_target else 0
+    heads = PatchHeads(vit_cfg.width, synth.max_objects, num_positions, count_grad=cfg.count_target).train()
     optimizer = _optimizer([*vit.named_parameters(), *heads.named_parameters()], cfg)
     generator = torch.Generator().manual_seed(cfg.seed)
     threads_before = torch.get_num_threads()
