@@ -105,9 +105,10 @@ class DemoEncoderConfig:
             where each patch is: LaVIT's feature decoder places tokens only by their rank in the kept sequence, so
             its reconstruction needs positions carried by the features themselves (EVA-CLIP's do; without this
             target a linear probe finds the exact position of only 32% of the tiny ViT's patches).
-        count_target: let the object-count loss shape the features (the count head reads their mean); False trains
-            the count head on detached features, a read-out that reports count accuracy without making every
-            patch carry the scene's object count.
+        count_target: let the object-count loss shape the features (the count head reads their mean); False (the
+            default) trains the count head on detached features, a read-out only: with the count in every patch
+            feature the tokenizer's selector read it through its global branch and learned keep offsets per count
+            that were not monotonic in the count (docs/lavit.md).
         whiten_patches: initialise the patch embedding to PCA-whiten the training images' patches
             (:func:`init_patch_embed_whitening`) instead of at random.
         time_limit_s: wall-clock budget of the optimisation loop; when it runs out the learning-rate schedule has
@@ -129,7 +130,7 @@ class DemoEncoderConfig:
     bf16: bool = True
     whiten_patches: bool = True
     position_target: bool = True
-    count_target: bool = True
+    count_target: bool = False
     time_limit_s: float = 150.0
     eval_images: int = 500
     seed: int = 0

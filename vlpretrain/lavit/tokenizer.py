@@ -44,7 +44,9 @@ class TokenizerConfig:
         codebook_size, code_dim: K codes of C dims.
         unet_dim: width of ``unet_proj`` (the diffusion decoder's conditioning width).
         rho: the target kept fraction.
-        ratio_per_image: penalise each image's kept fraction (True) or the batch's mean (False).
+        ratio_per_image: penalise each image's kept fraction (True) or the batch's mean (False, the default: a
+            per-image penalty pulls every image toward rho x N, the batch-level one lets token counts follow content;
+            measured in docs/lavit.md).
         ratio_weight, commit_weight: loss weights.
         keep_entropy_weight: weight of the mean binary entropy of the keep probabilities (0 = off, official): a
             confident selector keeps in deterministic inference what it kept in training.
@@ -61,6 +63,9 @@ class TokenizerConfig:
             starts uniform and stays so for hundreds of steps at small widths: every query reads the image mean.
             ``fan_in`` gives the attention scores unit scale from the start (measured at D = 128 with all patches
             kept: held-out reconstruction cosine 0.70 after 200 steps with ``official``, 0.91 with ``fan_in``).
+        recon_loss: "cosine" (official): 1 - cos(reconstruction, X) per patch; "centred_cosine": the same after
+            subtracting the batch's mean feature at each grid position from both (a diagnostic for encoders whose
+            features are dominated by a position component the decoder's queries reproduce without any code).
         calibrate_threshold: in training, track the log-odds threshold at which deterministic keep decisions keep
             the fraction ``rho`` of the training patches (see :class:`TokenSelector`); False: p_keep > 0.5.
     """
@@ -74,7 +79,7 @@ class TokenizerConfig:
     code_dim: int = 32
     unet_dim: int = 64
     rho: float = 1 / 3
-    ratio_per_image: bool = True
+    ratio_per_image: bool = False
     ratio_weight: float = 2.0
     commit_weight: float = 1.0
     keep_entropy_weight: float = 0.0
@@ -87,6 +92,7 @@ class TokenizerConfig:
     policy_decoder: bool = True
     calibrate_threshold: bool = True
     decoder_init: Literal["official", "fan_in"] = "fan_in"
+    recon_loss: Literal["cosine", "centred_cosine"] = "cosine"
 
     def __post_init__(self) -> None:
         if not 0 < self.rho <= 1:
@@ -188,10 +194,18 @@ class DynamicTokenizer(nn.Module):
             rec_BND = self.decoder(codes_BKC, valid_BK)
         cos_BN = F.cosine_similarity(rec_BND.float(), x_BND.float(), dim=-1)
         ratio_B = ratio_loss(keep_BN, self.cfg.rho, self.cfg.ratio_per_image)
-        loss_B = (1 - cos_BN).mean(dim=1) + self.cfg.ratio_weight * ratio_B + self.cfg.commit_weight * commit
+        rec_term_B = (1 - self._loss_cosine(rec_BND, x_BND, cos_BN)).mean(dim=1)
+        loss_B = rec_term_B + self.cfg.ratio_weight * ratio_B + self.cfg.commit_weight * commit
         if self.cfg.keep_entropy_weight:
             loss_B = loss_B + self.cfg.keep_entropy_weight * keep_entropy(logp_BN2).mean(dim=1)
         return TokenizerOutput(loss_B, cos_BN.mean().detach(), keep_BN.mean().detach(), commit.detach(), stats)
+
+    def _loss_cosine(self, rec_BND: Tensor, x_BND: Tensor, cos_BN: Tensor) -> Tensor:
+        """The per-patch cosine [B, N] the loss uses (see ``recon_loss``)."""
+        if self.cfg.recon_loss == "cosine":
+            return cos_BN
+        mean_1ND = x_BND.float().mean(dim=0, keepdim=True).detach()
+        return F.cosine_similarity(rec_BND.float() - mean_1ND, x_BND.float() - mean_1ND, dim=-1)
 
     def _quantize(self, z: Tensor, valid: Tensor, quantizing: bool) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         """(codes [..., C], commitment loss, statistics); before quantisation starts, the normalised vectors."""
