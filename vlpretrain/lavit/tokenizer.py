@@ -63,9 +63,6 @@ class TokenizerConfig:
             starts uniform and stays so for hundreds of steps at small widths: every query reads the image mean.
             ``fan_in`` gives the attention scores unit scale from the start (measured at D = 128 with all patches
             kept: held-out reconstruction cosine 0.70 after 200 steps with ``official``, 0.91 with ``fan_in``).
-        recon_loss: "cosine" (official): 1 - cos(reconstruction, X) per patch; "centred_cosine": the same after
-            subtracting the batch's mean feature at each grid position from both (a diagnostic for encoders whose
-            features are dominated by a position component the decoder's queries reproduce without any code).
         calibrate_threshold: in training, track the log-odds threshold at which deterministic keep decisions keep
             the fraction ``rho`` of the training patches (see :class:`TokenSelector`); False: p_keep > 0.5.
     """
@@ -92,7 +89,6 @@ class TokenizerConfig:
     policy_decoder: bool = True
     calibrate_threshold: bool = True
     decoder_init: Literal["official", "fan_in"] = "fan_in"
-    recon_loss: Literal["cosine", "centred_cosine"] = "cosine"
 
     def __post_init__(self) -> None:
         if not 0 < self.rho <= 1:
@@ -194,18 +190,10 @@ class DynamicTokenizer(nn.Module):
             rec_BND = self.decoder(codes_BKC, valid_BK)
         cos_BN = F.cosine_similarity(rec_BND.float(), x_BND.float(), dim=-1)
         ratio_B = ratio_loss(keep_BN, self.cfg.rho, self.cfg.ratio_per_image)
-        rec_term_B = (1 - self._loss_cosine(rec_BND, x_BND, cos_BN)).mean(dim=1)
-        loss_B = rec_term_B + self.cfg.ratio_weight * ratio_B + self.cfg.commit_weight * commit
+        loss_B = (1 - cos_BN).mean(dim=1) + self.cfg.ratio_weight * ratio_B + self.cfg.commit_weight * commit
         if self.cfg.keep_entropy_weight:
             loss_B = loss_B + self.cfg.keep_entropy_weight * keep_entropy(logp_BN2).mean(dim=1)
         return TokenizerOutput(loss_B, cos_BN.mean().detach(), keep_BN.mean().detach(), commit.detach(), stats)
-
-    def _loss_cosine(self, rec_BND: Tensor, x_BND: Tensor, cos_BN: Tensor) -> Tensor:
-        """The per-patch cosine [B, N] the loss uses (see ``recon_loss``)."""
-        if self.cfg.recon_loss == "cosine":
-            return cos_BN
-        mean_1ND = x_BND.float().mean(dim=0, keepdim=True).detach()
-        return F.cosine_similarity(rec_BND.float() - mean_1ND, x_BND.float() - mean_1ND, dim=-1)
 
     def _quantize(self, z: Tensor, valid: Tensor, quantizing: bool) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         """(codes [..., C], commitment loss, statistics); before quantisation starts, the normalised vectors."""
