@@ -1,0 +1,158 @@
+"""What a trained LaVIT tokenizer's codes carry (the diagnostics of docs/lavit.md, "What the codes carry" and "Which
+attributes the codes keep").
+
+- ``code_information``: held-out reconstruction cosine with each image's real codes, with the codes shuffled within
+  the image, with one fixed id everywhere and with random ids (keep masks, so token counts and ranks, unchanged),
+  and the cosine of each image's mean feature (a baseline that needs no tokens).
+- ``attribute_entropies``: on shapes-world test images with per-patch ground truth, the fraction of object and
+  background patches kept and, over the kept tokens on object patches, the entropy (bits) of shape, colour, size
+  and grid position and their conditional entropy given the code id (biased low when codes are many per token).
+- ``feature_variance``: the share of the encoder features' variance explained by each patch attribute.
+
+    python -m benchmarks.tokenizer_codes --tokenizer runs/demo/tokenizer --data runs/demo/data/test \\
+        --encoder runs/demo/encoder/vit.safetensors
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from vlpretrain.data.synthetic import SynthConfig
+from vlpretrain.lavit.api import Tokenizer
+from vlpretrain.lavit.demo_encoder import make_dense_pool
+
+ATTRIBUTES = ("shape", "color", "size")  # rows 1..3 of the patch targets (row 0: objectness)
+
+
+@torch.no_grad()
+def code_information(tokenizer: Tokenizer, images: Sequence[Any], batch_size: int = 100, seed: int = 0) -> dict:
+    """Mean held-out cosine (over all patches) of the reconstructions from real and replaced codes."""
+    model, generator = tokenizer.model, torch.Generator().manual_seed(seed)
+    sums: dict[str, float] = {}
+    patches = 0
+    for start in range(0, len(images), batch_size):
+        pixels = tokenizer.preprocess(images[start : start + batch_size])
+        ids, _ = model.tokenize(pixels)
+        x_BND = model.encoder(pixels).float()
+        common = int(torch.cat(ids).mode().values)
+        variants = {
+            "real": ids,
+            "shuffled_within_image": [i[torch.randperm(len(i), generator=generator)] for i in ids],
+            "one_fixed_id": [torch.full_like(i, common) for i in ids],
+            "random_ids": [torch.randint(0, model.cfg.codebook_size, i.shape, generator=generator) for i in ids],
+        }
+        for name, variant in variants.items():
+            cos = F.cosine_similarity(model.decode_codes(variant).float(), x_BND, dim=-1)
+            sums[name] = sums.get(name, 0.0) + float(cos.sum())
+        mean_BND = x_BND.mean(dim=1, keepdim=True).expand_as(x_BND)
+        sums["image_mean_baseline"] = sums.get("image_mean_baseline", 0.0) + float(
+            F.cosine_similarity(mean_BND, x_BND, dim=-1).sum()
+        )
+        patches += x_BND.shape[0] * x_BND.shape[1]
+    return {name: total / patches for name, total in sums.items()}
+
+
+def _patch_size(tokenizer: Tokenizer) -> int:
+    """The encoder's patch side (image size over patches per side)."""
+    return tokenizer.image_size // round(tokenizer.model.num_patches**0.5)
+
+
+def _entropy(columns: np.ndarray) -> float:
+    """Entropy in bits of the rows of ``columns`` [M] or [M, k] (each distinct row one outcome)."""
+    _, counts = np.unique(columns, return_counts=True, axis=0)
+    p = counts / counts.sum()
+    return float(-(p * np.log2(p)).sum())
+
+
+def _conditional_entropy(y: np.ndarray, x: np.ndarray) -> float:
+    """H(y | x) = H(x, y) - H(x), in bits."""
+    return _entropy(np.stack([x, y], axis=1)) - _entropy(x)
+
+
+@torch.no_grad()
+def attribute_entropies(tokenizer: Tokenizer, num_images: int = 1000, synth: SynthConfig | None = None) -> dict:
+    """Keep fractions and per-attribute entropies of the kept object tokens (see the module docstring)."""
+    model = tokenizer.model
+    synth = synth or SynthConfig(image_size=tokenizer.image_size)
+    images, targets, _ = make_dense_pool(synth, "test", num_images, _patch_size(tokenizer))
+    rows, kept, total = [], np.zeros(2), np.zeros(2)  # [background, object]
+    for start in range(0, num_images, 100):
+        pixels = images[start : start + 100].permute(0, 3, 1, 2).float().div(255).to(tokenizer.device)
+        ids, keep_BN = model.tokenize(pixels)
+        t_BAN = targets[start : start + 100].long()
+        for b, codes in enumerate(ids):
+            obj_N, keep_N = t_BAN[b, 0] == 1, keep_BN[b].cpu()
+            for is_obj in (0, 1):
+                mask = obj_N if is_obj else ~obj_N
+                kept[is_obj] += int((keep_N & mask).sum())
+                total[is_obj] += int(mask.sum())
+            positions = keep_N.nonzero().flatten()
+            rows += [(c, int(obj_N[p]), *(int(t_BAN[b, a, p]) for a in (1, 2, 3)), int(p))
+                     for c, p in zip(codes.tolist(), positions.tolist(), strict=True)]  # fmt: skip
+    table = np.array(rows)
+    on_objects = table[table[:, 1] == 1]
+    out: dict[str, float] = {"kept_object_fraction": kept[1] / max(total[1], 1),
+                             "kept_background_fraction": kept[0] / max(total[0], 1),
+                             "object_tokens": float(len(on_objects))}  # fmt: skip
+    for column, name in enumerate((*ATTRIBUTES, "position"), start=2):
+        out[f"{name}_bits"] = _entropy(on_objects[:, column])
+        out[f"{name}_bits_given_code"] = _conditional_entropy(on_objects[:, column], on_objects[:, 0])
+    return out
+
+
+def _between_share(x_MD: Tensor, labels_M: Tensor) -> float:
+    """Between-class sum of squares over the total sum of squares of the rows of ``x_MD``."""
+    centre_D = x_MD.mean(dim=0)
+    total = ((x_MD - centre_D) ** 2).sum()
+    between = sum(((x_MD[labels_M == c].mean(dim=0) - centre_D) ** 2).sum() * (labels_M == c).sum()
+                  for c in labels_M.unique())  # fmt: skip
+    return float(between / total)
+
+
+@torch.no_grad()
+def feature_variance(tokenizer: Tokenizer, num_images: int = 500, synth: SynthConfig | None = None) -> dict:
+    """Shares of the frozen encoder's feature variance explained by position and objectness (all patches) and by
+    shape, colour, size and position (object patches), and the mean vector's share of the squared norm."""
+    encoder = tokenizer.model.encoder
+    synth = synth or SynthConfig(image_size=tokenizer.image_size)
+    images, targets, _ = make_dense_pool(synth, "test", num_images, _patch_size(tokenizer))
+    x_BND = torch.cat([encoder(images[s : s + 100].permute(0, 3, 1, 2).float().div(255)) for s in
+                       range(0, num_images, 100)]).float()  # fmt: skip
+    batch, n, dim = x_BND.shape
+    x_MD, t_BAN = x_BND.reshape(-1, dim), targets.long()
+    position_M, object_M = torch.arange(n).repeat(batch), t_BAN[:, 0].reshape(-1) == 1
+    out = {"mean_vector_share": float((x_MD.mean(dim=0) ** 2).sum() / (x_MD**2).sum(dim=1).mean()),
+           "position_all": _between_share(x_MD, position_M),
+           "objectness_all": _between_share(x_MD, object_M.long())}  # fmt: skip
+    for row, name in enumerate(ATTRIBUTES, start=1):
+        out[f"{name}_objects"] = _between_share(x_MD[object_M], t_BAN[:, row].reshape(-1)[object_M])
+    out["position_objects"] = _between_share(x_MD[object_M], position_M[object_M])
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    from vlpretrain.data.shards import read_records
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tokenizer", required=True, help="a lavit-tokenizer folder")
+    parser.add_argument("--data", required=True, help="held-out shards (e.g. runs/demo/data/test)")
+    parser.add_argument("--images", type=int, default=1000, help="test images for the attribute entropies")
+    args = parser.parse_args(argv)
+    tokenizer = Tokenizer.from_pretrained(args.tokenizer)
+    images, _ = read_records(args.data, limit=500)
+    report = {"code_information": code_information(tokenizer, images),
+              "attribute_entropies": attribute_entropies(tokenizer, args.images),
+              "feature_variance": feature_variance(tokenizer)}  # fmt: skip
+    print(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()

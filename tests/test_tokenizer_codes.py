@@ -1,0 +1,47 @@
+"""The tokenizer code diagnostics of benchmarks/tokenizer_codes.py on a tiny random tokenizer."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from benchmarks.tokenizer_codes import _conditional_entropy, _entropy, attribute_entropies, code_information
+from vlpretrain.data.synthetic import SynthConfig, make_example
+from vlpretrain.eval.tokenizer_stats import run as tokenizer_stats
+from vlpretrain.lavit.api import Tokenizer
+from vlpretrain.lavit.tokenizer import DynamicTokenizer, TokenizerConfig
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> Tokenizer:
+    torch.manual_seed(0)
+    return Tokenizer(DynamicTokenizer(TokenizerConfig(codebook_size=64)))
+
+
+def test_entropies_match_hand_values() -> None:
+    x = np.array([0, 0, 1, 1, 2, 2, 3, 3])
+    assert _entropy(x) == pytest.approx(2.0)
+    assert _conditional_entropy(x, x) == pytest.approx(0.0)
+    y = x % 2  # determined by x, a fair coin given x // 2
+    assert _conditional_entropy(y, x) == pytest.approx(0.0)
+    assert _conditional_entropy(y, x // 2) == pytest.approx(1.0)
+    assert _conditional_entropy(np.array([0, 1] * 4), x) == pytest.approx(1.0)  # independent of x
+
+
+def test_real_codes_give_the_tokenizer_statistics_cosine(tokenizer: Tokenizer) -> None:
+    images = [make_example(SynthConfig(), "test", i).image for i in range(6)]
+    info = code_information(tokenizer, images, batch_size=4)
+    assert info["real"] == pytest.approx(tokenizer_stats(tokenizer, images)["rec_cos"], abs=1e-5)
+    assert set(info) == {"real", "shuffled_within_image", "one_fixed_id", "random_ids", "image_mean_baseline"}
+    assert all(-1.0 <= v <= 1.0 for v in info.values())
+
+
+def test_attribute_entropies_are_bounded(tokenizer: Tokenizer) -> None:
+    out = attribute_entropies(tokenizer, num_images=20)
+    assert 0.0 <= out["kept_object_fraction"] <= 1.0 and 0.0 <= out["kept_background_fraction"] <= 1.0
+    for name in ("shape", "color", "size", "position"):
+        assert 0.0 <= out[f"{name}_bits_given_code"] <= out[f"{name}_bits"] + 1e-9
+    assert out["color_bits"] <= math.log2(8) + 1e-9
