@@ -9,8 +9,7 @@ attributes the codes keep").
   and grid position and their conditional entropy given the code id (biased low when codes are many per token).
 - ``feature_variance``: the share of the encoder features' variance explained by each patch attribute.
 
-    python -m benchmarks.tokenizer_codes --tokenizer runs/demo/tokenizer --data runs/demo/data/test \\
-        --encoder runs/demo/encoder/vit.safetensors
+    python -m benchmarks.tokenizer_codes --tokenizer runs/demo/tokenizer --data runs/demo/data/test
 """
 
 from __future__ import annotations
@@ -30,6 +29,7 @@ from vlpretrain.lavit.api import Tokenizer
 from vlpretrain.lavit.demo_encoder import make_dense_pool
 
 ATTRIBUTES = ("shape", "color", "size")  # rows 1..3 of the patch targets (row 0: objectness)
+VARIANCE_IMAGES = 500  # test images of the feature-variance shares
 
 
 @torch.no_grad()
@@ -60,9 +60,18 @@ def code_information(tokenizer: Tokenizer, images: Sequence[Any], batch_size: in
     return {name: total / patches for name, total in sums.items()}
 
 
-def _patch_size(tokenizer: Tokenizer) -> int:
-    """The encoder's patch side (image size over patches per side)."""
-    return tokenizer.image_size // round(tokenizer.model.num_patches**0.5)
+def dense_test_pool(tokenizer: Tokenizer, num_images: int, synth: SynthConfig | None = None) -> tuple[Tensor, Tensor]:
+    """The first ``num_images`` shapes-world test images (uint8 [B, H, W, 3]) and their patch targets (int8
+    [B, A, N], row 0 objectness, rows 1-3 shape, colour, size) at the tokenizer's image and patch size."""
+    synth = synth or SynthConfig(image_size=tokenizer.image_size)
+    patch_size = tokenizer.image_size // round(tokenizer.model.num_patches**0.5)
+    images, targets, _ = make_dense_pool(synth, "test", num_images, patch_size)
+    return images, targets
+
+
+def _unit_pixels(images_BHWC: Tensor, device: torch.device) -> Tensor:
+    """uint8 [B, H, W, 3] -> float [B, 3, H, W] in [0, 1] on ``device`` (the tokenizer's encoder normalises)."""
+    return images_BHWC.permute(0, 3, 1, 2).float().div(255).to(device)
 
 
 def _entropy(columns: np.ndarray) -> float:
@@ -78,16 +87,14 @@ def _conditional_entropy(y: np.ndarray, x: np.ndarray) -> float:
 
 
 @torch.no_grad()
-def attribute_entropies(tokenizer: Tokenizer, num_images: int = 1000, synth: SynthConfig | None = None) -> dict:
-    """Keep fractions and per-attribute entropies of the kept object tokens (see the module docstring)."""
+def attribute_entropies(tokenizer: Tokenizer, images_BHWC: Tensor, targets_BAN: Tensor) -> dict:
+    """Keep fractions and per-attribute entropies of the kept object tokens (see the module docstring) on a
+    :func:`dense_test_pool`."""
     model = tokenizer.model
-    synth = synth or SynthConfig(image_size=tokenizer.image_size)
-    images, targets, _ = make_dense_pool(synth, "test", num_images, _patch_size(tokenizer))
     rows, kept, total = [], np.zeros(2), np.zeros(2)  # [background, object]
-    for start in range(0, num_images, 100):
-        pixels = images[start : start + 100].permute(0, 3, 1, 2).float().div(255).to(tokenizer.device)
-        ids, keep_BN = model.tokenize(pixels)
-        t_BAN = targets[start : start + 100].long()
+    for start in range(0, len(images_BHWC), 100):
+        ids, keep_BN = model.tokenize(_unit_pixels(images_BHWC[start : start + 100], tokenizer.device))
+        t_BAN = targets_BAN[start : start + 100].long()
         for b, codes in enumerate(ids):
             obj_N, keep_N = t_BAN[b, 0] == 1, keep_BN[b].cpu()
             for is_obj in (0, 1):
@@ -118,16 +125,15 @@ def _between_share(x_MD: Tensor, labels_M: Tensor) -> float:
 
 
 @torch.no_grad()
-def feature_variance(tokenizer: Tokenizer, num_images: int = 500, synth: SynthConfig | None = None) -> dict:
+def feature_variance(tokenizer: Tokenizer, images_BHWC: Tensor, targets_BAN: Tensor) -> dict:
     """Shares of the frozen encoder's feature variance explained by position and objectness (all patches) and by
-    shape, colour, size and position (object patches), and the mean vector's share of the squared norm."""
+    shape, colour, size and position (object patches), and the mean vector's share of the squared norm, on a
+    :func:`dense_test_pool`."""
     encoder = tokenizer.model.encoder
-    synth = synth or SynthConfig(image_size=tokenizer.image_size)
-    images, targets, _ = make_dense_pool(synth, "test", num_images, _patch_size(tokenizer))
-    x_BND = torch.cat([encoder(images[s : s + 100].permute(0, 3, 1, 2).float().div(255)) for s in
-                       range(0, num_images, 100)]).float()  # fmt: skip
+    x_BND = torch.cat([encoder(_unit_pixels(images_BHWC[s : s + 100], tokenizer.device)).float().cpu()
+                       for s in range(0, len(images_BHWC), 100)])  # fmt: skip
     batch, n, dim = x_BND.shape
-    x_MD, t_BAN = x_BND.reshape(-1, dim), targets.long()
+    x_MD, t_BAN = x_BND.reshape(-1, dim), targets_BAN.long()
     position_M, object_M = torch.arange(n).repeat(batch), t_BAN[:, 0].reshape(-1) == 1
     out = {"mean_vector_share": float((x_MD.mean(dim=0) ** 2).sum() / (x_MD**2).sum(dim=1).mean()),
            "position_all": _between_share(x_MD, position_M),
@@ -148,9 +154,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     tokenizer = Tokenizer.from_pretrained(args.tokenizer)
     images, _ = read_records(args.data, limit=500)
+    pool_BHWC, targets_BAN = dense_test_pool(tokenizer, max(args.images, VARIANCE_IMAGES))  # generated once
+    entropy_pool = (pool_BHWC[: args.images], targets_BAN[: args.images])
+    variance_pool = (pool_BHWC[:VARIANCE_IMAGES], targets_BAN[:VARIANCE_IMAGES])
     report = {"code_information": code_information(tokenizer, images),
-              "attribute_entropies": attribute_entropies(tokenizer, args.images),
-              "feature_variance": feature_variance(tokenizer)}  # fmt: skip
+              "attribute_entropies": attribute_entropies(tokenizer, *entropy_pool),
+              "feature_variance": feature_variance(tokenizer, *variance_pool)}  # fmt: skip
     print(json.dumps(report, indent=1))
 
 

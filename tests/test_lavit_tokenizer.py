@@ -189,4 +189,3 @@ def test_fan_in_decoder_gives_codes_and_positions_the_same_scale() -> None:
     assert 0.8 < float(content.var()) < 1.25 and 0.8 < float(dec.pos_embed.var()) < 1.25
     dec.init_weights("official")
     assert float(dec.pos_embed.std()) < 0.05
-

@@ -8,7 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks.tokenizer_codes import _conditional_entropy, _entropy, attribute_entropies, code_information
+from benchmarks.tokenizer_codes import (
+    _conditional_entropy,
+    _entropy,
+    attribute_entropies,
+    code_information,
+    dense_test_pool,
+)
 from vlpretrain.data.synthetic import SynthConfig, make_example
 from vlpretrain.eval.tokenizer_stats import run as tokenizer_stats
 from vlpretrain.lavit.api import Tokenizer
@@ -40,7 +46,7 @@ def test_real_codes_give_the_tokenizer_statistics_cosine(tokenizer: Tokenizer) -
 
 
 def test_attribute_entropies_are_bounded(tokenizer: Tokenizer) -> None:
-    out = attribute_entropies(tokenizer, num_images=20)
+    out = attribute_entropies(tokenizer, *dense_test_pool(tokenizer, 20))
     assert 0.0 <= out["kept_object_fraction"] <= 1.0 and 0.0 <= out["kept_background_fraction"] <= 1.0
     for name in ("shape", "color", "size", "position"):
         assert 0.0 <= out[f"{name}_bits_given_code"] <= out[f"{name}_bits"] + 1e-9
