@@ -170,3 +170,34 @@ def test_count_target_reaches_the_features_only_when_asked(count_grad: bool) -> 
     assert heads.count.weight.grad.abs().sum() > 0  # the read-out trains either way
     reached = feats_BND.grad is not None and bool(feats_BND.grad.abs().sum() > 0)
     assert reached == count_grad
+
+
+def test_attribute_embeddings_sum_one_unit_vector_per_attribute() -> None:
+    from vlpretrain.lavit.demo_encoder import AttributeEmbeddings
+
+    table = AttributeEmbeddings(dim=32, num_patches=4, seed=3)
+    assert torch.allclose(table.color.norm(dim=-1), torch.ones(len(COLOR_NAMES)))
+    # patch 0 background, patch 2 a foreground patch (shape 1, colour 5, size 0), patches 1 and 3 background
+    targets_BAN = torch.full((1, 4, 4), IGNORE)
+    targets_BAN[0, 0] = 0
+    targets_BAN[0, :, 2] = torch.tensor([1, 1, 5, 0])
+    target_BND = table(targets_BAN)
+    assert target_BND.shape == (1, 4, 32)
+    assert torch.allclose(target_BND[0, 0], table.object[0] + table.position[0])
+    expected = table.object[1] + table.shape[1] + table.color[5] + table.size[0] + table.position[2]
+    assert torch.allclose(target_BND[0, 2], expected)
+    without_position = AttributeEmbeddings(dim=32, num_patches=0, seed=3)(targets_BAN)
+    assert torch.allclose(without_position[0, 0], table.object[0])
+    assert torch.equal(AttributeEmbeddings(32, 4, seed=3)(targets_BAN), target_BND)  # a pure function of the seed
+
+
+def test_embed_objective_lowers_the_loss_and_its_read_outs_learn() -> None:
+    cfg = dataclasses.replace(SHORT, steps=40, objective="embed", eval_images=32)
+    vit, metrics = pretrain_demo_encoder(cfg, SYNTH, progress=False)
+    assert metrics["loss_last"] < 0.75 * metrics["loss_first"]
+    assert metrics["color_acc"] > 0.3  # chance: 1/8; the heads learn from detached features
+
+
+def test_unknown_objective_is_refused() -> None:
+    with pytest.raises(ConfigError, match="demo_encoder.objective"):
+        DemoEncoderConfig(objective="mae")
