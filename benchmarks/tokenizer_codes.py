@@ -8,6 +8,9 @@ attributes the codes keep").
   background patches kept and, over the kept tokens on object patches, the entropy (bits) of shape, colour, size
   and grid position and their conditional entropy given the code id (biased low when codes are many per token).
 - ``feature_variance``: the share of the encoder features' variance explained by each patch attribute.
+- ``stage_probes``: where an attribute is lost on the way from feature to code: held-out accuracy of a linear probe
+  (multinomial logistic regression) reading shape, colour, size and grid position of the kept object tokens from the
+  encoder feature, the merged token, the unit vector ``z`` the quantizer sees and the code vector it picks.
 
     python -m benchmarks.tokenizer_codes --tokenizer runs/demo/tokenizer --data runs/demo/data/test
 """
@@ -24,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from vlpretrain.data.synthetic import SynthConfig
+from vlpretrain.data.synthetic import COLORS, SHAPES, SIZES, SynthConfig
 from vlpretrain.lavit.api import Tokenizer
 from vlpretrain.lavit.demo_encoder import make_dense_pool
 
@@ -144,13 +147,88 @@ def feature_variance(tokenizer: Tokenizer, images_BHWC: Tensor, targets_BAN: Ten
     return out
 
 
+STAGES = ("feature", "merged", "z", "code")  # see stage_probes
+PROBE_TRAIN_FRACTION = 0.7  # tokens (in image order) that fit a probe; the rest score it
+
+
+def linear_probe_accuracy(x_MD: Tensor, labels_M: Tensor, num_classes: int, train_M: Tensor) -> float:
+    """Held-out accuracy of a multinomial logistic regression (L-BFGS, small L2) from rows of ``x_MD`` [M, D] to
+    ``labels_M`` [M] (long in [0, num_classes)), fitted on the rows where ``train_M`` [M] (bool) is True, scored on
+    the others; the features are standardised with the fitting rows' statistics."""
+    x_MD = x_MD.float()
+    mean_D, std_D = x_MD[train_M].mean(dim=0), x_MD[train_M].std(dim=0) + 1e-6
+    x_MD = (x_MD - mean_D) / std_D
+    weight_DK = torch.zeros(x_MD.shape[1], num_classes, requires_grad=True)
+    bias_K = torch.zeros(num_classes, requires_grad=True)
+    optimizer = torch.optim.LBFGS([weight_DK, bias_K], max_iter=200)
+
+    def closure() -> Tensor:
+        optimizer.zero_grad()
+        logits = x_MD[train_M] @ weight_DK + bias_K
+        loss = F.cross_entropy(logits, labels_M[train_M]) + 1e-3 * weight_DK.square().sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(closure)
+    with torch.no_grad():
+        predicted_M = (x_MD[~train_M] @ weight_DK + bias_K).argmax(dim=-1)
+    return float((predicted_M == labels_M[~train_M]).float().mean())
+
+
+@torch.no_grad()
+def _stage_rows(tokenizer: Tokenizer, images_BHWC: Tensor, targets_BAN: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+    """For every kept object token: its vector at each of :data:`STAGES` ({stage: [M, *]}) and its labels [M, 4]
+    (shape, colour, size, grid position)."""
+    model = tokenizer.model
+    rows: dict[str, list[Tensor]] = {stage: [] for stage in STAGES}
+    labels = []
+    for start in range(0, len(images_BHWC), 100):
+        x_BND = model.encoder(_unit_pixels(images_BHWC[start : start + 100], tokenizer.device))
+        keep_BN = model.inference_keep(model.token_predictor(x_BND)).bool()
+        merged_BKD, valid_BK = model.causal_encoder(x_BND, keep_BN.float(), dense=model.cfg.eval_merger == "dense")
+        z_BKC = model.encode_task_layer(merged_BKD)
+        code_BKC = model.quantize.indices_to_codes(model.quantize.encode(z_BKC))
+        position_BK = torch.sort(torch.where(keep_BN, torch.arange(keep_BN.shape[1], device=keep_BN.device),
+                                             keep_BN.shape[1]), dim=1).values[:, : valid_BK.shape[1]]  # fmt: skip
+        t_BAN = targets_BAN[start : start + 100].long().to(keep_BN.device)
+        for b in range(len(x_BND)):
+            position_K = position_BK[b, valid_BK[b]]
+            on_object_K = t_BAN[b, 0, position_K] == 1
+            k = valid_BK[b].nonzero().flatten()[on_object_K]
+            p = position_K[on_object_K]
+            rows["feature"].append(x_BND[b, p].float().cpu())
+            rows["merged"].append(merged_BKD[b, k].float().cpu())
+            rows["z"].append(F.normalize(z_BKC[b, k].float(), dim=-1).cpu())
+            rows["code"].append(code_BKC[b, k].float().cpu())
+            labels.append(torch.cat([t_BAN[b, 1:4, p].T, p[:, None]], dim=1).cpu())
+    return {stage: torch.cat(vectors) for stage, vectors in rows.items()}, torch.cat(labels)
+
+
+def stage_probes(tokenizer: Tokenizer, images_BHWC: Tensor, targets_BAN: Tensor) -> dict:
+    """Linear-probe accuracy of each attribute at each stage (see the module docstring) on a :func:`dense_test_pool`:
+    ``{stage: {"shape": acc, "color": acc, "size": acc, "position": acc}}`` and ``object_tokens``."""
+    vectors, labels_MA = _stage_rows(tokenizer, images_BHWC, targets_BAN)
+    train_M = torch.arange(len(labels_MA)) < int(PROBE_TRAIN_FRACTION * len(labels_MA))
+    classes = (len(SHAPES), len(COLORS), len(SIZES), tokenizer.model.num_patches)
+    out: dict[str, Any] = {"object_tokens": len(labels_MA)}
+    if len(labels_MA) < 10:
+        return out  # too few kept object tokens to fit and score a probe
+    for stage, x_MD in vectors.items():
+        out[stage] = {name: linear_probe_accuracy(x_MD, labels_MA[:, a], k, train_M)
+                      for a, (name, k) in enumerate(zip((*ATTRIBUTES, "position"), classes, strict=True))}  # fmt: skip
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     from vlpretrain.data.shards import read_records
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tokenizer", required=True, help="a lavit-tokenizer folder")
     parser.add_argument("--data", required=True, help="held-out shards (e.g. runs/demo/data/test)")
-    parser.add_argument("--images", type=int, default=1000, help="test images for the attribute entropies")
+    parser.add_argument(
+        "--images", type=int, default=1000, help="test images for the attribute entropies and the stage probes"
+    )
     args = parser.parse_args(argv)
     tokenizer = Tokenizer.from_pretrained(args.tokenizer)
     images, _ = read_records(args.data, limit=500)
@@ -159,7 +237,8 @@ def main(argv: list[str] | None = None) -> None:
     variance_pool = (pool_BHWC[:VARIANCE_IMAGES], targets_BAN[:VARIANCE_IMAGES])
     report = {"code_information": code_information(tokenizer, images),
               "attribute_entropies": attribute_entropies(tokenizer, *entropy_pool),
-              "feature_variance": feature_variance(tokenizer, *variance_pool)}  # fmt: skip
+              "feature_variance": feature_variance(tokenizer, *variance_pool),
+              "stage_probes": stage_probes(tokenizer, *entropy_pool)}  # fmt: skip
     print(json.dumps(report, indent=1))
 
 

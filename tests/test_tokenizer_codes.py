@@ -14,6 +14,8 @@ from benchmarks.tokenizer_codes import (
     attribute_entropies,
     code_information,
     dense_test_pool,
+    linear_probe_accuracy,
+    stage_probes,
 )
 from vlpretrain.data.synthetic import SynthConfig, make_example
 from vlpretrain.eval.tokenizer_stats import run as tokenizer_stats
@@ -51,3 +53,21 @@ def test_attribute_entropies_are_bounded(tokenizer: Tokenizer) -> None:
     for name in ("shape", "color", "size", "position"):
         assert 0.0 <= out[f"{name}_bits_given_code"] <= out[f"{name}_bits"] + 1e-9
     assert out["color_bits"] <= math.log2(8) + 1e-9
+
+
+def test_linear_probe_reads_a_linear_label_and_not_a_random_one() -> None:
+    generator = torch.Generator().manual_seed(0)
+    x_MD = torch.randn(600, 8, generator=generator)
+    train_M = torch.arange(600) < 420
+    linear_M = (x_MD[:, 0] > 0).long() + 2 * (x_MD[:, 3] > 0).long()  # four classes from two directions
+    assert linear_probe_accuracy(x_MD, linear_M, 4, train_M) > 0.9
+    random_M = torch.randint(0, 4, (600,), generator=generator)
+    assert linear_probe_accuracy(x_MD, random_M, 4, train_M) < 0.4  # chance: 0.25
+
+
+def test_stage_probes_report_every_stage_and_attribute(tokenizer: Tokenizer) -> None:
+    out = stage_probes(tokenizer, *dense_test_pool(tokenizer, 40))
+    assert out["object_tokens"] >= 10  # a random selector keeps about half of the patches
+    for stage in ("feature", "merged", "z", "code"):
+        assert set(out[stage]) == {"shape", "color", "size", "position"}
+        assert all(0.0 <= acc <= 1.0 for acc in out[stage].values())
