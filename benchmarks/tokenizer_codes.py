@@ -154,10 +154,11 @@ PROBE_TRAIN_FRACTION = 0.7  # tokens (in image order) that fit a probe; the rest
 def linear_probe_accuracy(x_MD: Tensor, labels_M: Tensor, num_classes: int, train_M: Tensor) -> float:
     """Held-out accuracy of a multinomial logistic regression (L-BFGS, small L2) from rows of ``x_MD`` [M, D] to
     ``labels_M`` [M] (long in [0, num_classes)), fitted on the rows where ``train_M`` [M] (bool) is True, scored on
-    the others; the features are standardised with the fitting rows' statistics."""
-    x_MD = x_MD.float()
-    mean_D, std_D = x_MD[train_M].mean(dim=0), x_MD[train_M].std(dim=0) + 1e-6
-    x_MD = (x_MD - mean_D) / std_D
+    the others. The features are centred and divided by ONE scale, their root-mean-square norm over the fitting
+    rows: a per-dimension standardisation would blow up residual directions too small to matter downstream (a ``z``
+    sitting on its code within 1e-3 then "carries" what the code does not)."""
+    x_MD = x_MD.float() - x_MD[train_M].float().mean(dim=0)
+    x_MD = x_MD / (x_MD[train_M].square().sum(dim=1).mean().sqrt() + 1e-6)
     weight_DK = torch.zeros(x_MD.shape[1], num_classes, requires_grad=True)
     bias_K = torch.zeros(num_classes, requires_grad=True)
     optimizer = torch.optim.LBFGS([weight_DK, bias_K], max_iter=200)
