@@ -17,7 +17,9 @@ def test_version_and_help(capsys) -> None:
     code, out, _ = run(["--help"], capsys)
     assert code == 0 and all(group in out for group in ("data", "train", "demo"))
     code, out, _ = run(["data", "--help"], capsys)
-    assert all(cmd in out for cmd in ("synth", "inspect", "import-folder", "train-judge", "eval-judge"))
+    assert all(
+        cmd in out for cmd in ("synth", "inspect", "import-folder", "train-judge", "eval-judge", "train-encoder")
+    )
 
 
 def test_synth_is_deterministic_and_independent_of_workers(tmp_path: Path, capsys) -> None:
@@ -51,9 +53,23 @@ def test_inspect_writes_a_grid(tmp_path: Path, capsys) -> None:
         (["data", "import-folder", "/nonexistent/dir", "out"], "not a folder: /nonexistent/dir"),
         (["data", "inspect", "/nonexistent/*.tar"], "/nonexistent"),
         (["train", "/nonexistent.yaml"], "config file not found"),
+        (["data", "train-encoder", "enc.bin"], "enc.bin: the demo encoder is saved as .safetensors"),
+        (["data", "train-encoder", "e.safetensors", "--set", "objective=mae"], "demo_encoder.objective: 'mae'"),
+        (["data", "train-encoder", "e.safetensors", "--set", "embed_scales={colour: 2}"], "embed_scales: colour"),
     ],
 )
 def test_bad_arguments_give_one_line_and_exit_2(args: list[str], message: str, capsys) -> None:
     code, _, err = run(args, capsys)
     assert code == 2
     assert len(err.strip().splitlines()) == 1 and message in err, err
+
+
+def test_train_encoder_writes_a_loadable_encoder_with_the_overrides(tmp_path: Path, capsys) -> None:
+    from vlpretrain.lavit.demo_encoder import load_demo_encoder
+
+    out = tmp_path / "enc" / "vit.safetensors"
+    args = ["--set", "steps=2", "--set", "pool_size=64", "--set", "eval_images=8", "--set", "data_workers=0"]
+    code, stdout, _ = run(["data", "train-encoder", str(out), *args, "--set", "objective=embed", "--quiet"], capsys)
+    assert code == 0 and "encoder written to" in stdout
+    assert json.loads(out.with_suffix(".json").read_text())["metrics"]["steps"] == 2
+    assert load_demo_encoder(out).num_patches == 64

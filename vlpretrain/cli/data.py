@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from vlpretrain.cli.common import config_options, load_synth_config, quiet_option
+from vlpretrain.errors import UserError
 
 app = typer.Typer(
     help="Make, import and inspect data sets; train and evaluate the shapes-world judge.", no_args_is_help=True
@@ -86,6 +87,29 @@ def train_judge(
     judge = run_train(get_preset("judge", preset), synth, steps=steps, progress=not quiet)
     save_judge(judge, out)
     console.print(f"judge written to {out}")
+
+
+@app.command("train-encoder")
+def train_encoder(
+    out: Path = typer.Argument(..., help="The weights file to write (.safetensors; its config goes next to it)."),
+    data: Path | None = typer.Option(None, help="A shapes-world folder: train for its geometry (stats.json)."),
+    preset: str = typer.Option("tiny", help="demo-encoder preset."),
+    config: Path | None = config_options.config,
+    set_: list[str] = config_options.set_,
+    quiet: bool = quiet_option,
+) -> None:
+    """Pretrain the demo's frozen ViT (what the tokenizer reads) on the shapes world; prints its patch accuracies."""
+    from vlpretrain.configs import load_config
+    from vlpretrain.lavit.demo_encoder import DemoEncoderConfig, pretrain_demo_encoder, save_demo_encoder
+
+    if out.suffix != ".safetensors":
+        raise UserError(f"{out}: the demo encoder is saved as .safetensors")
+    cfg = load_config(DemoEncoderConfig, "demo-encoder", config, set_, preset=preset)
+    synth = load_synth_config("demo", None, []) if data is None else _synth_config_of(data)
+    vit, metrics = pretrain_demo_encoder(cfg, synth, progress=not quiet)
+    save_demo_encoder(vit, out, metrics)
+    console.print_json(json.dumps(metrics))
+    console.print(f"encoder written to {out}")
 
 
 @app.command("eval-judge")
