@@ -42,9 +42,9 @@ def code_information(tokenizer: Tokenizer, images: Sequence[Any], batch_size: in
     sums: dict[str, float] = {}
     patches = 0
     for start in range(0, len(images), batch_size):
-        pixels = tokenizer.preprocess(images[start : start + batch_size])
-        ids, _ = model.tokenize(pixels)
-        x_BND = model.encoder(pixels).float()
+        x_BND = model.encoder(tokenizer.preprocess(images[start : start + batch_size]))
+        ids, _ = model.tokenize_features(x_BND).ids_and_keep()
+        x_BND = x_BND.float()
         common = int(torch.cat(ids).mode().values)
         variants = {
             "real": ids,
@@ -186,10 +186,9 @@ def _stage_rows(tokenizer: Tokenizer, images_BHWC: Tensor, targets_BAN: Tensor) 
     labels = []
     for start in range(0, len(images_BHWC), 100):
         x_BND = model.encoder(_unit_pixels(images_BHWC[start : start + 100], tokenizer.device))
-        keep_BN = model.inference_keep(model.token_predictor(x_BND)).bool()
-        merged_BKD, valid_BK = model.causal_encoder(x_BND, keep_BN.float(), dense=model.cfg.eval_merger == "dense")
-        z_BKC = model.encode_task_layer(merged_BKD)
-        code_BKC = model.quantize.indices_to_codes(model.quantize.encode(z_BKC))
+        out = model.tokenize_features(x_BND)
+        keep_BN, merged_BKD, valid_BK, z_BKC = out.keep_BN, out.merged_BKD, out.valid_BK, out.z_BKC
+        code_BKC = model.quantize.indices_to_codes(out.ids_BK)
         position_BK = torch.sort(torch.where(keep_BN, torch.arange(keep_BN.shape[1], device=keep_BN.device),
                                              keep_BN.shape[1]), dim=1).values[:, : valid_BK.shape[1]]  # fmt: skip
         t_BAN = targets_BAN[start : start + 100].long().to(keep_BN.device)

@@ -90,6 +90,17 @@ def test_tokenize_then_decode(images) -> None:
     assert all(torch.equal(a, b) for a, b in zip(ids, ids2, strict=True))  # deterministic by default
 
 
+def test_tokenize_features_keeps_the_intermediates_of_tokenize(images) -> None:
+    tok = tiny().eval()
+    ids, keep = tok.tokenize(images)
+    out = tok.tokenize_features(tok.encoder(images))
+    assert torch.equal(out.keep_BN, keep) and out.keep_BN.dtype == torch.bool
+    assert all(torch.equal(a, b) for a, b in zip(ids, out.ids_and_keep()[0], strict=True))
+    assert out.valid_BK.sum(1).tolist() == keep.sum(1).tolist()  # valid rows: a prefix of K_b per image
+    assert torch.equal(out.ids_BK, tok.quantize.encode(out.z_BKC))
+    assert out.merged_BKD.shape[:2] == out.z_BKC.shape[:2] == out.valid_BK.shape
+
+
 def test_kept_rows_tokenize_like_the_dense_training_path(images) -> None:
     tok = tiny().eval()
     x = tok.encoder(images)

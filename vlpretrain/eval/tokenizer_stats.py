@@ -33,9 +33,9 @@ def run(tokenizer: Tokenizer, images: Sequence[Any], records: Sequence[dict] | N
     with progress_bar("tokenizer eval", total=len(images), enabled=progress) as advance:
         for start in range(0, len(images), batch_size):
             pixels = tokenizer.preprocess(images[start : start + batch_size])
-            batch_ids, _ = tokenizer.model.tokenize(pixels)
-            rec = tokenizer.model.decode_codes(batch_ids)
             target = tokenizer.model.encoder(pixels)
+            batch_ids, _ = tokenizer.model.tokenize_features(target).ids_and_keep()
+            rec = tokenizer.model.decode_codes(batch_ids)
             cos = F.cosine_similarity(rec.float(), target.float(), dim=-1)
             cos_sum, n_patches = cos_sum + float(cos.sum()), n_patches + cos.numel()
             ids += [s.cpu() for s in batch_ids]

@@ -110,6 +110,23 @@ class TokenizerOutput:
     stats: dict[str, Tensor]
 
 
+@dataclass
+class Tokenized:
+    """What :meth:`DynamicTokenizer.tokenize_features` computes for a batch: keep masks [B, N] (bool), merged kept
+    tokens [B, K, D] (padded) with their valid mask [B, K], the quantizer's input ``z`` [B, K, C] (before
+    normalisation) and code ids [B, K] (padding rows hold arbitrary ids)."""
+
+    keep_BN: Tensor
+    merged_BKD: Tensor
+    valid_BK: Tensor
+    z_BKC: Tensor
+    ids_BK: Tensor
+
+    def ids_and_keep(self) -> tuple[list[Tensor], Tensor]:
+        """Each image's code ids (a list of [K_b] long tensors) and the keep masks [B, N]."""
+        return [self.ids_BK[b, self.valid_BK[b]] for b in range(len(self.ids_BK))], self.keep_BN
+
+
 class DynamicTokenizer(nn.Module):
     """The whole tokenizer. ``forward`` computes training losses; ``tokenize`` / ``decode_codes`` are inference."""
 
@@ -205,11 +222,16 @@ class DynamicTokenizer(nn.Module):
     @torch.no_grad()
     def tokenize(self, images_BCHW: Tensor) -> tuple[list[Tensor], Tensor]:
         """Code ids of each image (a list of [K_b] long tensors) and the keep masks [B, N] (bool)."""
-        x_BND = self.encoder(images_BCHW)
+        return self.tokenize_features(self.encoder(images_BCHW)).ids_and_keep()
+
+    @torch.no_grad()
+    def tokenize_features(self, x_BND: Tensor) -> Tokenized:
+        """:meth:`tokenize` given the frozen encoder's patch features [B, N, D], keeping every intermediate (for
+        diagnostics that also need the features, e.g. a reconstruction cosine)."""
         keep_BN = self.inference_keep(self.token_predictor(x_BND))
         merged_BKD, valid_BK = self.causal_encoder(x_BND, keep_BN, dense=self.cfg.eval_merger == "dense")
-        ids_BK = self.quantize.encode(self.encode_task_layer(merged_BKD))
-        return [ids_BK[b, valid_BK[b]] for b in range(len(ids_BK))], keep_BN.bool()
+        z_BKC = self.encode_task_layer(merged_BKD)
+        return Tokenized(keep_BN.bool(), merged_BKD, valid_BK, z_BKC, self.quantize.encode(z_BKC))
 
     @torch.no_grad()
     def decode_codes(self, ids: list[Tensor]) -> Tensor:
