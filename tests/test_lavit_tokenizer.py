@@ -79,6 +79,30 @@ def test_keep_entropy_gradient_is_finite_for_saturated_decisions() -> None:
     assert entropy[0, :2].abs().max() < 1e-30
 
 
+def test_log_odds_excess_is_zero_inside_the_bound_and_quadratic_outside() -> None:
+    from vlpretrain.lavit.selector import log_odds_excess
+
+    log_odds = torch.tensor([-300.0, -8.0, -0.5, 0.0, 7.0, 6.0])
+    logp = torch.stack([torch.nn.functional.logsigmoid(log_odds), torch.nn.functional.logsigmoid(-log_odds)], -1)
+    torch.testing.assert_close(log_odds_excess(logp[None], 6.0)[0], torch.tensor([294.0**2, 4.0, 0, 0, 1.0, 0]))
+
+
+@pytest.mark.parametrize("bound", [0.0, 6.0])
+def test_a_saturated_selector_is_pulled_back_only_with_a_log_odds_bound(images, bound: float) -> None:
+    tok = tiny(keep_log_odds_bound=bound).train()
+    with torch.no_grad():  # every patch pushed to "drop" with log-odds about -80, as in the runs that died
+        tok.token_predictor.out_conv[-2].bias.copy_(torch.tensor([-40.0, 40.0]))
+    torch.manual_seed(0)
+    out = tok.forward_features(tok.encoder(images).detach())
+    assert out.keep_ratio == 0
+    out.loss_B.mean().backward()
+    keep_bias_grad = tok.token_predictor.out_conv[-2].bias.grad[0]
+    if bound:
+        assert keep_bias_grad < -1.0  # a descent step raises the keep logit
+    else:
+        assert keep_bias_grad.abs() < 1e-6  # nothing brings the selector back
+
+
 def test_tokenize_then_decode(images) -> None:
     tok = tiny().eval()
     ids, keep = tok.tokenize(images)

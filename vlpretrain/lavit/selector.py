@@ -97,3 +97,15 @@ def keep_entropy(logp_BN2: Tensor) -> Tensor:
     """
     logp_BN2 = logp_BN2.float().clamp(min=-100.0)
     return -(logp_BN2.exp() * logp_BN2).sum(dim=-1)
+
+
+def log_odds_excess(logp_BN2: Tensor, bound: float) -> Tensor:
+    """Squared excess of each patch's keep log-odds beyond +-``bound``, [B, N] (0 inside the bound).
+
+    Unpenalised (the official selector), a selector can push every patch's log-odds far below zero (we saw -35 to
+    -170): the Gumbel keep samples are then all "drop", their straight-through gradient is ~1e-9 and no kept token
+    ever comes back (keep ratio 0.0 to the end of the run). This penalty's gradient does not pass through a sigmoid,
+    so it pulls saturated log-odds back toward +-``bound``, where Gumbel sampling still keeps an occasional patch.
+    """
+    log_odds_BN = (logp_BN2[..., 0] - logp_BN2[..., 1]).float()
+    return F.relu(log_odds_BN.abs() - bound).square()

@@ -31,7 +31,7 @@ from vlpretrain.core.encoders import EncoderSpec, build_encoder
 from vlpretrain.core.quantize import CosineCodebook
 from vlpretrain.lavit.feature_decoder import FeatureDecoder
 from vlpretrain.lavit.merger import TokenMerger, kept_index
-from vlpretrain.lavit.selector import TokenSelector, keep_decision, keep_entropy, ratio_loss
+from vlpretrain.lavit.selector import TokenSelector, keep_decision, keep_entropy, log_odds_excess, ratio_loss
 
 
 @dataclass
@@ -50,6 +50,8 @@ class TokenizerConfig:
         ratio_weight, commit_weight: loss weights.
         keep_entropy_weight: weight of the mean binary entropy of the keep probabilities (0 = off, official): a
             confident selector keeps in deterministic inference what it kept in training.
+        keep_log_odds_bound: penalise keep log-odds beyond +- this bound (:func:`log_odds_excess`, weight 1; 0 = off,
+            official): keeps a saturated selector from dropping every patch for good.
         quant_warmup_steps: training forward calls before quantisation switches on.
         ema_decay, kmeans_iters, dead_code_threshold: codebook training (see vlpretrain.core.quantize).
         eval_keep: keep decisions outside training: "deterministic" (the calibrated threshold), "sample"
@@ -80,6 +82,7 @@ class TokenizerConfig:
     ratio_weight: float = 2.0
     commit_weight: float = 1.0
     keep_entropy_weight: float = 0.0
+    keep_log_odds_bound: float = 0.0
     quant_warmup_steps: int = 100
     ema_decay: float = 0.99
     kmeans_iters: int = 10
@@ -97,6 +100,8 @@ class TokenizerConfig:
             raise ConfigError("merger_depth, decoder_depth, heads, codebook_size, code_dim: must be >= 1")
         if self.quant_warmup_steps < 0:
             raise ConfigError("quant_warmup_steps: must be >= 0")
+        if self.keep_log_odds_bound < 0:
+            raise ConfigError(f"keep_log_odds_bound: must be >= 0 (0 = none), got {self.keep_log_odds_bound}")
 
 
 @dataclass
@@ -210,6 +215,8 @@ class DynamicTokenizer(nn.Module):
         loss_B = (1 - cos_BN).mean(dim=1) + self.cfg.ratio_weight * ratio_B + self.cfg.commit_weight * commit
         if self.cfg.keep_entropy_weight:
             loss_B = loss_B + self.cfg.keep_entropy_weight * keep_entropy(logp_BN2).mean(dim=1)
+        if self.cfg.keep_log_odds_bound:
+            loss_B = loss_B + log_odds_excess(logp_BN2, self.cfg.keep_log_odds_bound).mean(dim=1)
         return TokenizerOutput(loss_B, cos_BN.mean().detach(), keep_BN.mean().detach(), commit.detach(), stats)
 
     def _quantize(self, z: Tensor, valid: Tensor, quantizing: bool) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
