@@ -192,10 +192,10 @@ def test_attribute_embeddings_sum_one_unit_vector_per_attribute() -> None:
 
 
 def test_embed_objective_lowers_the_loss_and_its_read_outs_learn() -> None:
-    cfg = dataclasses.replace(SHORT, steps=40, objective="embed", eval_images=32)
+    cfg = dataclasses.replace(SHORT, objective="embed", eval_images=64)
     vit, metrics = pretrain_demo_encoder(cfg, SYNTH, progress=False)
     assert metrics["loss_last"] < 0.75 * metrics["loss_first"]
-    assert metrics["color_acc"] > 0.3  # chance: 1/8; the heads learn from detached features
+    assert metrics["color_acc"] > 0.25  # chance: 1/8; the heads learn from detached features
 
 
 def test_unknown_objective_is_refused() -> None:
