@@ -312,6 +312,12 @@ def test_separate_learning_rates_for_the_llm_and_the_visual_part(task: LavitLMTa
     assert any(n.startswith("visual.merger.") for n, _ in task.named_parameters())
     frozen = micro_task(train_merger=False)
     assert not any(p.requires_grad for p in frozen.visual.merger.parameters())
+    still = micro_task(train_vit_proj=False)
+    assert not any(p.requires_grad for p in still.visual.vit_proj.parameters())
+    opt = build_optimizer(still, OptimConfig(lr=5e-5))
+    optimised = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert not any(id(p) in optimised for p in still.visual.vit_proj.parameters())
+    assert any(id(p) in optimised for p in still.visual.merger.parameters())
 
 
 def test_training_through_the_engine_then_loading(shapes_data: Path, tmp_path: Path) -> None:

@@ -56,6 +56,9 @@ class LavitLMConfig:
         qa_ratio: fraction of ``[image, text]`` samples that are VQA ("Question: q Answer: a") instead of captions.
         text_ratio: text-only documents per image-text pair (2.0 = the maintainers' 2:1).
         train_merger: fine-tune the understanding merger (the official does); False keeps the tokenizer's.
+        train_vit_proj: train ``vit_proj`` (the official does); False keeps its random init, a map that preserves the
+            merged tokens' geometry: trained, it shrank the colour directions until the demo LM could not read
+            colour (docs/lm.md, "Where the colour goes").
         detokenizer: a ``lavit-detokenizer`` folder that turns generated codes into pixels ("" = none).
         visual_keep: which patches become visual tokens, in training and inference: "" = the tokenizer's own
             ``eval_keep`` (the dynamic tokens); "all" = every patch (the fixed-length baseline of the paper's
@@ -71,6 +74,7 @@ class LavitLMConfig:
     qa_ratio: float = 0.0
     text_ratio: float = 2.0
     train_merger: bool = True
+    train_vit_proj: bool = True
     detokenizer: str = ""
     visual_keep: Literal["", "deterministic", "sample", "all"] = ""
 
@@ -219,6 +223,7 @@ class LavitLM(nn.Module):
             check_context_length(cfg)
         self.visual = VisualInput(tokenizer, self.lm.config.hidden_size)
         self.visual.merger.requires_grad_(cfg.train_merger)
+        self.visual.vit_proj.requires_grad_(cfg.train_vit_proj)
         if cfg.understand_ratio == 0:  # no [image, text] samples: nothing would train the understanding path
             self.visual.requires_grad_(False)
         self.register_buffer("tokenizer_digest", torch.zeros(DIGEST_BYTES, dtype=torch.uint8))
