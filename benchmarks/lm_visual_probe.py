@@ -17,50 +17,37 @@ import json
 import torch
 from torch import Tensor
 
-from benchmarks.tokenizer_codes import linear_probe_accuracy
-from vlpretrain.data.synthetic import COLORS, SHAPES, SynthConfig
-from vlpretrain.lavit.demo_encoder import make_dense_pool
+from benchmarks.tokenizer_codes import dense_pool_at, kept_object_rows, probe_stages, unit_pixels
+from vlpretrain.data.synthetic import COLORS, SHAPES
 from vlpretrain.lavit.lm_task import LavitLMTask
-
-PROBE_TRAIN_FRACTION = 0.7  # object tokens (in image order) that fit a probe; the rest score it
 
 
 @torch.no_grad()
-def _object_tokens(task: LavitLMTask, images_BHWC: Tensor, targets_BAN: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Merged [M, D] and projected [M, H] visual tokens of the kept object patches, and their (shape, colour) [M, 2]."""
+def _object_tokens(task: LavitLMTask, images_BHWC: Tensor, targets_BAN: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+    """Merged [M, D] and projected [M, H] visual tokens of the kept object patches ({"merged", "projected"}), and
+    their (shape, colour) [M, 2]."""
     merged, projected, labels = [], [], []
     for start in range(0, len(images_BHWC), 100):
-        pixels = images_BHWC[start : start + 100].permute(0, 3, 1, 2).float().div(255).to(task.device)
+        pixels = unit_pixels(images_BHWC[start : start + 100], task.device)
         frozen = task.frozen_visual(pixels, [False] * len(pixels))
         merged_BKD, valid_BK = task.visual.merger(frozen.x_BND, frozen.keep_BN, dense=False)
         projected_BKH = task.visual.vit_proj(merged_BKD)
-        t_BAN = targets_BAN[start : start + 100].long()
+        t_BAN = targets_BAN[start : start + 100].long().to(frozen.keep_BN.device)
         for b in range(len(pixels)):
-            positions = frozen.keep_BN[b].bool().nonzero().flatten().cpu()
-            on_object = t_BAN[b, 0, positions] == 1
-            rows = valid_BK[b].nonzero().flatten().cpu()[on_object]
+            rows, positions = kept_object_rows(frozen.keep_BN[b], valid_BK[b], t_BAN[b, 0])
             merged.append(merged_BKD[b, rows].float().cpu())
             projected.append(projected_BKH[b, rows].float().cpu())
-            labels.append(t_BAN[b, 1:3, positions[on_object]].T)
-    return torch.cat(merged), torch.cat(projected), torch.cat(labels)
+            labels.append(t_BAN[b, 1:3, positions].T.cpu())
+    return {"merged": torch.cat(merged), "projected": torch.cat(projected)}, torch.cat(labels)
 
 
 def visual_input_probes(task: LavitLMTask, num_images: int = 800) -> dict:
     """``{"object_tokens": M, "merged": {"shape", "color"}, "projected": {"shape", "color"}}`` (accuracies) on the
     first ``num_images`` shapes-world test images at the task's image size."""
     encoder = task.tokenizer.encoder
-    synth = SynthConfig(image_size=encoder.image_size)
-    patch_size = encoder.image_size // round(encoder.num_patches**0.5)
-    images, targets, _ = make_dense_pool(synth, "test", num_images, patch_size)
-    merged, projected, labels = _object_tokens(task, images, targets)
-    out: dict = {"object_tokens": len(labels)}
-    if len(labels) < 10:
-        return out  # too few kept object tokens to fit and score a probe
-    train = torch.arange(len(labels)) < int(PROBE_TRAIN_FRACTION * len(labels))
-    for name, x in (("merged", merged), ("projected", projected)):
-        out[name] = {"shape": linear_probe_accuracy(x, labels[:, 0], len(SHAPES), train),
-                     "color": linear_probe_accuracy(x, labels[:, 1], len(COLORS), train)}  # fmt: skip
-    return out
+    images, targets = dense_pool_at(encoder.image_size, encoder.num_patches, num_images)
+    vectors, labels = _object_tokens(task, images, targets)
+    return probe_stages(vectors, labels, {"shape": len(SHAPES), "color": len(COLORS)})
 
 
 def main(argv: list[str] | None = None) -> None:

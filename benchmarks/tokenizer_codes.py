@@ -63,16 +63,43 @@ def code_information(tokenizer: Tokenizer, images: Sequence[Any], batch_size: in
     return {name: total / patches for name, total in sums.items()}
 
 
-def dense_test_pool(tokenizer: Tokenizer, num_images: int, synth: SynthConfig | None = None) -> tuple[Tensor, Tensor]:
-    """The first ``num_images`` shapes-world test images (uint8 [B, H, W, 3]) and their patch targets (int8
-    [B, A, N], row 0 objectness, rows 1-3 shape, colour, size) at the tokenizer's image and patch size."""
-    synth = synth or SynthConfig(image_size=tokenizer.image_size)
-    patch_size = tokenizer.image_size // round(tokenizer.model.num_patches**0.5)
-    images, targets, _ = make_dense_pool(synth, "test", num_images, patch_size)
+def dense_pool_at(image_size: int, num_patches: int, num_images: int) -> tuple[Tensor, Tensor]:
+    """The first ``num_images`` shapes-world test images (uint8 [B, H, W, 3]) at ``image_size`` and their patch
+    targets (int8 [B, A, N], row 0 objectness, rows 1-3 shape, colour, size) on a grid of ``num_patches``."""
+    patch_size = image_size // round(num_patches**0.5)
+    images, targets, _ = make_dense_pool(SynthConfig(image_size=image_size), "test", num_images, patch_size)
     return images, targets
 
 
-def _unit_pixels(images_BHWC: Tensor, device: torch.device) -> Tensor:
+def dense_test_pool(tokenizer: Tokenizer, num_images: int) -> tuple[Tensor, Tensor]:
+    """:func:`dense_pool_at` the tokenizer's image and patch size."""
+    return dense_pool_at(tokenizer.image_size, tokenizer.model.num_patches, num_images)
+
+
+def kept_object_rows(keep_N: Tensor, valid_K: Tensor, objectness_N: Tensor) -> tuple[Tensor, Tensor]:
+    """For one image: the rows of its padded kept-token sequence (valid mask [K]) that lie on object patches, and
+    those patches' grid indices (both long [M]), given its keep mask [N] (bool) and objectness [N] (1 = object).
+    Kept tokens are in raster order, so the i-th valid row is the i-th kept patch."""
+    positions = keep_N.bool().nonzero().flatten()
+    on_object = objectness_N[positions] == 1
+    return valid_K.nonzero().flatten()[on_object], positions[on_object]
+
+
+def probe_stages(vectors: dict[str, Tensor], labels_MA: Tensor, classes: dict[str, int]) -> dict:
+    """Held-out :func:`linear_probe_accuracy` of every attribute (column ``a`` of ``labels_MA`` [M, A] for the a-th
+    name of ``classes``, which gives its class count) at every stage of ``vectors`` ({stage: [M, *]}), fitted on the
+    first :data:`PROBE_TRAIN_FRACTION` of the rows: ``{"object_tokens": M, stage: {name: accuracy}}``."""
+    out: dict[str, Any] = {"object_tokens": len(labels_MA)}
+    if len(labels_MA) < 10:
+        return out  # too few kept object tokens to fit and score a probe
+    train_M = torch.arange(len(labels_MA)) < int(PROBE_TRAIN_FRACTION * len(labels_MA))
+    for stage, x_MD in vectors.items():
+        out[stage] = {name: linear_probe_accuracy(x_MD, labels_MA[:, a], k, train_M)
+                      for a, (name, k) in enumerate(classes.items())}  # fmt: skip
+    return out
+
+
+def unit_pixels(images_BHWC: Tensor, device: torch.device) -> Tensor:
     """uint8 [B, H, W, 3] -> float [B, 3, H, W] in [0, 1] on ``device`` (the tokenizer's encoder normalises)."""
     return images_BHWC.permute(0, 3, 1, 2).float().div(255).to(device)
 
@@ -96,7 +123,7 @@ def attribute_entropies(tokenizer: Tokenizer, images_BHWC: Tensor, targets_BAN: 
     model = tokenizer.model
     rows, kept, total = [], np.zeros(2), np.zeros(2)  # [background, object]
     for start in range(0, len(images_BHWC), 100):
-        ids, keep_BN = model.tokenize(_unit_pixels(images_BHWC[start : start + 100], tokenizer.device))
+        ids, keep_BN = model.tokenize(unit_pixels(images_BHWC[start : start + 100], tokenizer.device))
         t_BAN = targets_BAN[start : start + 100].long()
         for b, codes in enumerate(ids):
             obj_N, keep_N = t_BAN[b, 0] == 1, keep_BN[b].cpu()
@@ -133,7 +160,7 @@ def feature_variance(tokenizer: Tokenizer, images_BHWC: Tensor, targets_BAN: Ten
     shape, colour, size and position (object patches), and the mean vector's share of the squared norm, on a
     :func:`dense_test_pool`."""
     encoder = tokenizer.model.encoder
-    x_BND = torch.cat([encoder(_unit_pixels(images_BHWC[s : s + 100], tokenizer.device)).float().cpu()
+    x_BND = torch.cat([encoder(unit_pixels(images_BHWC[s : s + 100], tokenizer.device)).float().cpu()
                        for s in range(0, len(images_BHWC), 100)])  # fmt: skip
     batch, n, dim = x_BND.shape
     x_MD, t_BAN = x_BND.reshape(-1, dim), targets_BAN.long()
@@ -185,18 +212,13 @@ def _stage_rows(tokenizer: Tokenizer, images_BHWC: Tensor, targets_BAN: Tensor) 
     rows: dict[str, list[Tensor]] = {stage: [] for stage in STAGES}
     labels = []
     for start in range(0, len(images_BHWC), 100):
-        x_BND = model.encoder(_unit_pixels(images_BHWC[start : start + 100], tokenizer.device))
+        x_BND = model.encoder(unit_pixels(images_BHWC[start : start + 100], tokenizer.device))
         out = model.tokenize_features(x_BND)
         keep_BN, merged_BKD, valid_BK, z_BKC = out.keep_BN, out.merged_BKD, out.valid_BK, out.z_BKC
         code_BKC = model.quantize.indices_to_codes(out.ids_BK)
-        position_BK = torch.sort(torch.where(keep_BN, torch.arange(keep_BN.shape[1], device=keep_BN.device),
-                                             keep_BN.shape[1]), dim=1).values[:, : valid_BK.shape[1]]  # fmt: skip
         t_BAN = targets_BAN[start : start + 100].long().to(keep_BN.device)
         for b in range(len(x_BND)):
-            position_K = position_BK[b, valid_BK[b]]
-            on_object_K = t_BAN[b, 0, position_K] == 1
-            k = valid_BK[b].nonzero().flatten()[on_object_K]
-            p = position_K[on_object_K]
+            k, p = kept_object_rows(keep_BN[b], valid_BK[b], t_BAN[b, 0])
             rows["feature"].append(x_BND[b, p].float().cpu())
             rows["merged"].append(merged_BKD[b, k].float().cpu())
             rows["z"].append(F.normalize(z_BKC[b, k].float(), dim=-1).cpu())
@@ -209,15 +231,8 @@ def stage_probes(tokenizer: Tokenizer, images_BHWC: Tensor, targets_BAN: Tensor)
     """Linear-probe accuracy of each attribute at each stage (see the module docstring) on a :func:`dense_test_pool`:
     ``{stage: {"shape": acc, "color": acc, "size": acc, "position": acc}}`` and ``object_tokens``."""
     vectors, labels_MA = _stage_rows(tokenizer, images_BHWC, targets_BAN)
-    train_M = torch.arange(len(labels_MA)) < int(PROBE_TRAIN_FRACTION * len(labels_MA))
-    classes = (len(SHAPES), len(COLORS), len(SIZES), tokenizer.model.num_patches)
-    out: dict[str, Any] = {"object_tokens": len(labels_MA)}
-    if len(labels_MA) < 10:
-        return out  # too few kept object tokens to fit and score a probe
-    for stage, x_MD in vectors.items():
-        out[stage] = {name: linear_probe_accuracy(x_MD, labels_MA[:, a], k, train_M)
-                      for a, (name, k) in enumerate(zip((*ATTRIBUTES, "position"), classes, strict=True))}  # fmt: skip
-    return out
+    classes = {"shape": len(SHAPES), "color": len(COLORS), "size": len(SIZES), "position": tokenizer.model.num_patches}
+    return probe_stages(vectors, labels_MA, classes)
 
 
 def main(argv: list[str] | None = None) -> None:

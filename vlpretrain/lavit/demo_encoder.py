@@ -605,7 +605,7 @@ def train_dense(
     num_positions = vit.num_patches if cfg.position_target else 0
     heads = PatchHeads(vit_cfg.width, synth.max_objects, num_positions, count_grad=cfg.count_target).train()
     optimizer = _optimizer([*vit.named_parameters(), *heads.named_parameters()], cfg)
-    embeddings = None
+    embeddings, classify = None, "classify" in cfg.objective
     if "embed" in cfg.objective:
         embeddings = AttributeEmbeddings(vit_cfg.width, num_positions, cfg.seed, cfg.embed_scales)
     generator = torch.Generator().manual_seed(cfg.seed)
@@ -644,7 +644,6 @@ def train_dense(
                 torch.set_num_threads(threads)
                 step_start = time.perf_counter()
                 batch = tuple(t[idx] for t in pool)
-                classify = "classify" in cfg.objective
                 losses.append(_train_step(vit, heads, optimizer, batch, cfg.bf16, embeddings, classify))
                 picker.record(step, threads, time.perf_counter() - step_start)
                 step += 1
