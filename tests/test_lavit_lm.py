@@ -341,3 +341,33 @@ def test_training_through_the_engine_then_loading(shapes_data: Path, tmp_path: P
     lm, _ = load_lm(tmp_path / "run")
     assert not any(k.startswith("tokenizer.") for k in lm.state_dict())  # the frozen tokenizer is not saved
     assert lm.tokenizer_digest.any()
+
+
+def test_init_starts_from_another_runs_weights_and_loading_does_not_need_it(tmp_path: Path) -> None:
+    from vlpretrain.lavit.lm_task import load_lm
+
+    tok = tokenizer_folder(tmp_path / "tok")
+    cfg = micro_config(tokenizer=str(tok))
+    torch.manual_seed(1)
+    first = LavitLMTask(cfg)
+    save_task(first, "lavit-lm", cfg, tmp_path / "stage1")
+    torch.manual_seed(2)  # another random init: only loading can make the two equal
+    second = LavitLMTask(dataclasses.replace(cfg, init=str(tmp_path / "stage1"), text_ratio=0.0))
+    for (name, a), b in zip(first.state_dict().items(), second.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    save_task(second, "lavit-lm", second.cfg, tmp_path / "stage2")
+    (tmp_path / "stage1" / "model.safetensors").unlink()
+    loaded, _ = load_lm(tmp_path / "stage2")  # its own weights; the init folder is gone
+    assert torch.equal(loaded.lm.lm_head.weight, first.lm.lm_head.weight)
+
+
+def test_init_from_an_lm_with_another_tokenizer_is_refused(tmp_path: Path) -> None:
+    cfg = micro_config(tokenizer=str(tokenizer_folder(tmp_path / "tok0", seed=0)))
+    save_task(LavitLMTask(cfg), "lavit-lm", cfg, tmp_path / "stage1")
+    other = micro_config(tokenizer=str(tokenizer_folder(tmp_path / "tok1", seed=1)), init=str(tmp_path / "stage1"))
+    with pytest.raises(UserError, match="another visual tokenizer"):
+        LavitLMTask(other)
+    wider = micro_config(tokenizer=cfg.tokenizer, init=str(tmp_path / "stage1"),
+                         llm=dataclasses.replace(micro_llm(), intermediate_size=96))  # fmt: skip
+    with pytest.raises(UserError, match="has shape"):
+        LavitLMTask(wider)

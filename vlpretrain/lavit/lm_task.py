@@ -88,6 +88,11 @@ class LavitLMTask(LavitLM):
     def __init__(self, cfg: LavitLMConfig, tokenizer: DynamicTokenizer | None = None) -> None:
         super().__init__(cfg, tokenizer)
         self._tokens_per_target = 2.0  # updated from every prepared batch (for MFU)
+        if cfg.init:
+            folder = resolve_checkpoint(cfg.init)
+            _check_visual_rows(folder / "model.safetensors", self)
+            load_weights(self, folder / "model.safetensors")
+            self.check_digest(str(folder))
 
     @torch.no_grad()
     def prepare(self, batch: dict[str, Any]) -> dict[str, Any]:
@@ -209,7 +214,7 @@ def load_lm(path: str | Path, tokenizer: DynamicTokenizer | str | Path | None = 
     cfg: LavitLMConfig = model_config_from_dict(TASK, config["model"])
     cfg.text_tokenizer = _resolve(cfg.text_tokenizer, folder)
     cfg.detokenizer = _resolve(cfg.detokenizer, folder)
-    cfg.llm.path = ""  # the checkpoint holds the weights
+    cfg.llm.path = cfg.init = ""  # the checkpoint holds the weights
     if isinstance(tokenizer, str | Path):
         cfg.tokenizer, tokenizer = str(tokenizer), None
     if tokenizer is None:

@@ -63,6 +63,9 @@ class LavitLMConfig:
         visual_keep: which patches become visual tokens, in training and inference: "" = the tokenizer's own
             ``eval_keep`` (the dynamic tokens); "all" = every patch (the fixed-length baseline of the paper's
             dynamic-vs-fixed ablation); "deterministic" / "sample" force that mode.
+        init: a ``lavit-lm`` run or checkpoint folder whose weights start training (the next stage of a curriculum,
+            e.g. the demo's understanding-only stage before the mixed one); same sizes and tokenizer required.
+            Only training reads it: loading a trained LM takes the weights of its own folder.
     """
 
     llm: LlamaSpec = field(default_factory=LlamaSpec)
@@ -77,6 +80,7 @@ class LavitLMConfig:
     train_vit_proj: bool = True
     detokenizer: str = ""
     visual_keep: Literal["", "deterministic", "sample", "all"] = ""
+    init: str = ""
 
     def __post_init__(self) -> None:
         if self.max_len < 8:
