@@ -19,6 +19,9 @@ def test_demo_smoke_runs_every_stage_and_resumes(tmp_path: Path, capsys) -> None
     assert (tmp_path / "encoder" / "vit.safetensors").exists()
     assert {"tokens_mean", "rec_cos", "code_usage"} <= set(metrics["tokenizer"])
     assert "agree_mean" in metrics["detokenizer"] and (tmp_path / "detokenizer" / "reconstructions.png").exists()
+    assert metrics["lm_understand"]["steps"] == 2 and metrics["lm_understand"]["ce_understand"] > 0
+    lm_config = json.loads(next((tmp_path / "lm" / "checkpoints").glob("step-*/config.json")).read_text())
+    assert lm_config["model"]["init"] == str(tmp_path / "lm_understand")  # stage 2 starts from stage 1
     assert {"caption_attr_f1", "vqa_accuracy", "t2i_prompt_match"} <= set(metrics["lm"])
     assert (tmp_path / "lm" / "eval" / "samples.json").exists()
     report = (tmp_path / "report.html").read_text()

@@ -39,6 +39,7 @@ class DemoSize:
     encoder_steps: int | None = None
     tokenizer_steps: int = 500  # held-out cosine plateaus after ~300 (docs/lavit.md)
     detokenizer_steps: int = 400
+    lm_understand_steps: int = 400  # stage 1 of the LM: [image, text] samples only (docs/lm.md, "Curriculum")
     lm_steps: int = 300
     eval_images: int = 200  # test images of the detokenizer and LM evaluations
     t2i_prompts: int = 64
@@ -46,7 +47,7 @@ class DemoSize:
 
 FULL = DemoSize()
 SMOKE = DemoSize(synth_preset="tiny", judge_steps=10, encoder_steps=3, tokenizer_steps=6, detokenizer_steps=2,
-                 lm_steps=2, eval_images=4, t2i_prompts=2)  # fmt: skip
+                 lm_understand_steps=2, lm_steps=2, eval_images=4, t2i_prompts=2)  # fmt: skip
 
 
 @dataclass
@@ -130,17 +131,28 @@ def _detokenizer_stage(run_dir: Path, folder: Path, size: DemoSize) -> dict[str,
                                grid=folder / "reconstructions.png")  # fmt: skip
 
 
+def _lm_config(run_dir: Path, folder: Path, steps: int, **model: Any) -> dict[str, Any]:
+    """A ``lavit-lm`` run of the demo LM recipe on the demo's data; ``model`` adds model fields."""
+    return {
+        "task": "lavit-lm", "model_preset": "tiny",
+        "model": {"tokenizer": str(run_dir / "tokenizer"), "detokenizer": str(run_dir / "detokenizer"),
+                  **LM_MODEL, **model},
+        "data": {"train": str(run_dir / "data" / "train"), "batch_size": 32, "num_workers": 1},
+        **LM_RECIPE, "steps": steps, "out_dir": str(folder),
+    }  # fmt: skip
+
+
+def _lm_understand_stage(run_dir: Path, folder: Path, size: DemoSize) -> dict[str, Any]:
+    _train_stage(folder, _lm_config(run_dir, folder, size.lm_understand_steps, **LM_UNDERSTAND))
+    last = json.loads((folder / "metrics.jsonl").read_text().splitlines()[-1])
+    return {"steps": last["step"], "ce_understand": round(last["ce_understand"], 4)}
+
+
 def _lm_stage(run_dir: Path, folder: Path, size: DemoSize) -> dict[str, Any]:
     from vlpretrain.eval.lm_quality import run as lm_eval
 
-    data = run_dir / "data"
-    _train_stage(folder, {
-        "task": "lavit-lm", "model_preset": "tiny",
-        "model": {"tokenizer": str(run_dir / "tokenizer"), "detokenizer": str(run_dir / "detokenizer")},
-        "data": {"train": str(data / "train"), "batch_size": 32, "num_workers": 1},
-        **LM_RECIPE, "steps": size.lm_steps,
-    })  # fmt: skip
-    return lm_eval(folder, data / "test", run_dir / "judge", detokenizer=run_dir / "detokenizer",
+    _train_stage(folder, _lm_config(run_dir, folder, size.lm_steps, init=str(run_dir / "lm_understand")))
+    return lm_eval(folder, run_dir / "data" / "test", run_dir / "judge", detokenizer=run_dir / "detokenizer",
                    limit=size.eval_images, t2i_limit=size.t2i_prompts, out=folder / "eval")  # fmt: skip
 
 
@@ -178,6 +190,11 @@ LM_RECIPE: dict[str, Any] = {
     "checkpoint": {"every": 100, "keep_last": 1},
     "log": {"every": 10},
 }
+# The LM curriculum (docs/lm.md, "Curriculum"): stage 1 trains understanding only ([image, text] pairs, half of
+# them VQA, no text-only documents), stage 2 starts from it with the paper's mixture (both image orders, text 2:1).
+# vit_proj stays at its random init in both (docs/lm.md, "Where the colour goes").
+LM_MODEL: dict[str, Any] = {"train_vit_proj": False}
+LM_UNDERSTAND: dict[str, Any] = {"understand_ratio": 1.0, "text_ratio": 0.0}
 ENCODER_FILE = "vit.safetensors"
 
 STAGES = [
@@ -186,6 +203,7 @@ STAGES = [
     Stage("encoder", _encoder_stage),
     Stage("tokenizer", _tokenizer_stage),
     Stage("detokenizer", _detokenizer_stage),
+    Stage("lm_understand", _lm_understand_stage),
     Stage("lm", _lm_stage),
     Stage("report", _report_stage),
 ]

@@ -26,7 +26,7 @@ from PIL import Image
 
 from vlpretrain.report_svg import line_plot, scatter_plot
 
-TRAINING_STAGES = ("tokenizer", "detokenizer", "lm")  # the demo stages that run the shared training loop
+TRAINING_STAGES = ("tokenizer", "detokenizer", "lm_understand", "lm")  # the demo stages that run the shared training loop
 
 
 class NotAvailable(Exception):
