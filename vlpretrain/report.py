@@ -26,7 +26,8 @@ from PIL import Image
 
 from vlpretrain.report_svg import line_plot, scatter_plot
 
-TRAINING_STAGES = ("tokenizer", "detokenizer", "lm_understand", "lm")  # the demo stages that run the shared training loop
+# the demo stages that run the shared training loop
+TRAINING_STAGES = ("tokenizer", "detokenizer", "lm_understand", "lm")
 
 
 class NotAvailable(Exception):
