@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from vlpretrain.cli import main
+from vlpretrain.configs import ConfigError
 from vlpretrain.core.llm import LlamaSpec
 from vlpretrain.data.shards import DataStream
 from vlpretrain.errors import UserError
@@ -371,3 +372,22 @@ def test_init_from_an_lm_with_another_tokenizer_is_refused(tmp_path: Path) -> No
                          llm=dataclasses.replace(micro_llm(), intermediate_size=96))  # fmt: skip
     with pytest.raises(UserError, match="has shape"):
         LavitLMTask(wider)
+
+
+def test_whitened_visual_input_is_fitted_in_training_and_saved(shapes_data: Path, tmp_path: Path) -> None:
+    from vlpretrain.lavit.lm_task import load_lm
+
+    cfg = micro_config(tokenizer=str(tokenizer_folder(tmp_path / "tok")), whiten_visual=1.0)
+    task = LavitLMTask(cfg).train()
+    assert not bool(task.visual.whiten.fitted)
+    task(first_batch(task, shapes_data))["loss"].backward()  # the first training batch fits the map
+    dim = task.tokenizer.encoder.dim
+    assert bool(task.visual.whiten.fitted) and not torch.equal(task.visual.whiten.map_DD, torch.eye(dim))
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in task.visual.merger.parameters())
+    save_task(task, "lavit-lm", cfg, tmp_path / "lm")
+    loaded, _ = load_lm(tmp_path / "lm")
+    x_BND, keep_BN = torch.randn(2, 64, dim), torch.rand(2, 64) < 0.4
+    task.eval()
+    assert torch.equal(loaded.visual(x_BND, keep_BN)[0], task.visual(x_BND, keep_BN)[0])
+    with pytest.raises(ConfigError, match="whiten_visual"):
+        micro_config(whiten_visual=-1.0)

@@ -32,6 +32,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from vlpretrain.configs import ConfigError
 from vlpretrain.core.llm import LlamaSpec, build_llama
 from vlpretrain.core.text_tokenizer import load_text_tokenizer
+from vlpretrain.core.whiten import Whitening
 from vlpretrain.errors import UserError
 from vlpretrain.lavit.merger import TokenMerger
 from vlpretrain.lavit.tokenizer import DynamicTokenizer
@@ -63,6 +64,9 @@ class LavitLMConfig:
         visual_keep: which patches become visual tokens, in training and inference: "" = the tokenizer's own
             ``eval_keep`` (the dynamic tokens); "all" = every patch (the fixed-length baseline of the paper's
             dynamic-vs-fixed ablation); "deterministic" / "sample" force that mode.
+        whiten_visual: 0 = off (official); s > 0 = damped whitening of the merged tokens before ``vit_proj``, fitted
+            on the first training batch (:class:`vlpretrain.core.whiten.Whitening` with shrink s): lifts the
+            low-variance directions (colour) that the LM otherwise learns last (docs/lm.md, "Curriculum").
         init: a ``lavit-lm`` run or checkpoint folder whose weights start training (the next stage of a curriculum,
             e.g. the demo's understanding-only stage before the mixed one); same sizes and tokenizer required.
             Only training reads it: loading a trained LM takes the weights of its own folder.
@@ -80,6 +84,7 @@ class LavitLMConfig:
     train_vit_proj: bool = True
     detokenizer: str = ""
     visual_keep: Literal["", "deterministic", "sample", "all"] = ""
+    whiten_visual: float = 0.0
     init: str = ""
 
     def __post_init__(self) -> None:
@@ -92,6 +97,8 @@ class LavitLMConfig:
                 raise ConfigError(f"{name}: {getattr(self, name)} must be in [0, 1]")
         if self.text_ratio < 0:
             raise ConfigError(f"text_ratio: {self.text_ratio} must be >= 0")
+        if self.whiten_visual < 0:
+            raise ConfigError(f"whiten_visual: {self.whiten_visual} must be >= 0 (0 = off)")
 
 
 def check_context_length(cfg: LavitLMConfig) -> None:
@@ -176,13 +183,15 @@ def extend_vocabulary(lm: LlamaForCausalLM, size: int) -> None:
 
 
 class VisualInput(nn.Module):
-    """The understanding path: merged kept tokens [B, K, D] -> ``vit_proj`` -> LM inputs [B, K, H]."""
+    """The understanding path: merged kept tokens [B, K, D] -> (optional whitening) -> ``vit_proj`` -> LM inputs
+    [B, K, H]."""
 
-    def __init__(self, tokenizer: DynamicTokenizer, hidden: int) -> None:
+    def __init__(self, tokenizer: DynamicTokenizer, hidden: int, whiten_shrink: float = 0.0) -> None:
         super().__init__()
         tcfg, dim = tokenizer.cfg, tokenizer.encoder.dim
         self.merger = TokenMerger(dim, tcfg.merger_depth, tcfg.heads, int(dim * tcfg.mlp_ratio))
         self.merger.load_state_dict(tokenizer.causal_encoder.state_dict())
+        self.whiten = Whitening(dim, whiten_shrink) if whiten_shrink > 0 else None
         self.vit_proj = nn.Linear(dim, hidden)
         # Projected tokens start at the word embeddings' scale (std 0.02 for unit-variance merged tokens).
         nn.init.normal_(self.vit_proj.weight, std=0.02 / math.sqrt(dim))
@@ -191,6 +200,8 @@ class VisualInput(nn.Module):
     def forward(self, x_BND: Tensor, keep_BN: Tensor) -> tuple[Tensor, Tensor]:
         """(LM-space tokens [B, K, H], valid [B, K]) of the kept patches, in raster order."""
         merged_BKD, valid_BK = self.merger(x_BND, keep_BN, dense=False)
+        if self.whiten is not None:
+            merged_BKD = self.whiten(merged_BKD, valid_BK)
         return self.vit_proj(merged_BKD), valid_BK
 
 
@@ -225,7 +236,7 @@ class LavitLM(nn.Module):
         if cfg.llm.path:  # record the folder's sizes: checkpoints rebuild the LLaMA from them
             cfg.llm = spec_from_hf_config(self.lm.config, cfg.llm.path)
             check_context_length(cfg)
-        self.visual = VisualInput(tokenizer, self.lm.config.hidden_size)
+        self.visual = VisualInput(tokenizer, self.lm.config.hidden_size, cfg.whiten_visual)
         self.visual.merger.requires_grad_(cfg.train_merger)
         self.visual.vit_proj.requires_grad_(cfg.train_vit_proj)
         if cfg.understand_ratio == 0:  # no [image, text] samples: nothing would train the understanding path
