@@ -31,7 +31,8 @@ def _object_tokens(task: LavitLMTask, images_BHWC: Tensor, targets_BAN: Tensor) 
         pixels = unit_pixels(images_BHWC[start : start + 100], task.device)
         frozen = task.frozen_visual(pixels, [False] * len(pixels))
         merged_BKD, valid_BK = task.visual.merger(frozen.x_BND, frozen.keep_BN, dense=False)
-        projected_BKH = task.visual.vit_proj(merged_BKD)
+        whiten = task.visual.whiten  # (model.whiten_visual) the map the LM's input goes through before vit_proj
+        projected_BKH = task.visual.vit_proj(whiten(merged_BKD, valid_BK) if whiten is not None else merged_BKD)
         t_BAN = targets_BAN[start : start + 100].long().to(frozen.keep_BN.device)
         for b in range(len(pixels)):
             rows, positions = kept_object_rows(frozen.keep_BN[b], valid_BK[b], t_BAN[b, 0])
