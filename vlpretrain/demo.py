@@ -185,7 +185,16 @@ DETOKENIZER_RECIPE: dict[str, Any] = {
     "log": {"every": 10},
 }
 LM_RECIPE: dict[str, Any] = {
-    "optim": {"lr": 2e-3, "lr_groups": {"visual.": 3e-3}, "weight_decay": 0.1, "betas": [0.9, 0.95], "eps": 1e-6},
+    # No weight decay on the word embeddings and output rows: decayed, the rows of words that the LM has not yet
+    # learned to tell apart (the eight colours) collapse towards each other and colour is never learned (docs/lm.md).
+    "optim": {
+        "lr": 2e-3,
+        "lr_groups": {"visual.": 3e-3},
+        "weight_decay": 0.1,
+        "no_decay": ["embed_tokens", "lm_head"],
+        "betas": [0.9, 0.95],
+        "eps": 1e-6,
+    },
     "schedule": {"warmup_steps": 30},
     "checkpoint": {"every": 100, "keep_last": 1},
     "log": {"every": 10},
