@@ -39,7 +39,7 @@ class DemoSize:
     encoder_steps: int | None = None
     tokenizer_steps: int = 500  # held-out cosine plateaus after ~300 (docs/lavit.md)
     detokenizer_steps: int = 400
-    lm_understand_steps: int = 600  # stage 1 of the LM: [image, text] samples only (docs/lm.md, "Curriculum")
+    lm_understand_steps: int = 1200  # stage 1 of the LM: [image, text] samples only (docs/lm.md, "Curriculum")
     lm_steps: int = 300
     eval_images: int = 200  # test images of the detokenizer and LM evaluations
     t2i_prompts: int = 64
