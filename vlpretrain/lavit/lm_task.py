@@ -89,10 +89,18 @@ class LavitLMTask(LavitLM):
         super().__init__(cfg, tokenizer)
         self._tokens_per_target = 2.0  # updated from every prepared batch (for MFU)
         if cfg.init:
-            folder = resolve_checkpoint(cfg.init)
-            _check_visual_rows(folder / "model.safetensors", self)
-            load_weights(self, folder / "model.safetensors")
-            self.check_digest(str(folder))
+            self.load_folder_weights(resolve_checkpoint(cfg.init))
+
+    def load_folder_weights(self, folder: Path) -> None:
+        """Load a ``lavit-lm`` checkpoint folder's ``model.safetensors`` strictly.
+
+        Raises:
+            UserError: embeddings without the visual rows, missing/unexpected/mis-shaped keys, or weights trained
+                with another visual tokenizer.
+        """
+        _check_visual_rows(folder / "model.safetensors", self)
+        load_weights(self, folder / "model.safetensors")
+        self.check_digest(str(folder))
 
     @torch.no_grad()
     def prepare(self, batch: dict[str, Any]) -> dict[str, Any]:
@@ -222,9 +230,7 @@ def load_lm(path: str | Path, tokenizer: DynamicTokenizer | str | Path | None = 
         if not cfg.tokenizer or not Path(cfg.tokenizer).exists():
             raise UserError(f"{folder}: its visual tokenizer '{cfg.tokenizer}' is not there; pass one (--tokenizer)")
     task = LavitLMTask(cfg, tokenizer)
-    _check_visual_rows(folder / "model.safetensors", task)
-    load_weights(task, folder / "model.safetensors")
-    task.check_digest(str(folder))
+    task.load_folder_weights(folder)
     task.to(device)
     task.tokenizer.to(device)
     return task.eval(), config
