@@ -4,7 +4,7 @@ colour goes").
 For the kept object patches of shapes-world test images (per-patch ground truth), the held-out accuracy of a linear
 probe (:func:`benchmarks.tokenizer_codes.linear_probe_accuracy`) reading shape and colour from the LM's
 understanding path: the merged token (``visual.merger``, fine-tuned unless ``train_merger`` is false) and the same
-token after ``visual.vit_proj``, i.e. what the LLaMA reads.
+token after ``visual.project`` (the whitening, if any, and ``vit_proj``), i.e. what the LLaMA reads.
 
     python -m benchmarks.lm_visual_probe --lm runs/demo/lm
 """
@@ -31,8 +31,7 @@ def _object_tokens(task: LavitLMTask, images_BHWC: Tensor, targets_BAN: Tensor) 
         pixels = unit_pixels(images_BHWC[start : start + 100], task.device)
         frozen = task.frozen_visual(pixels, [False] * len(pixels))
         merged_BKD, valid_BK = task.visual.merger(frozen.x_BND, frozen.keep_BN, dense=False)
-        whiten = task.visual.whiten  # (model.whiten_visual) the map the LM's input goes through before vit_proj
-        projected_BKH = task.visual.vit_proj(whiten(merged_BKD, valid_BK) if whiten is not None else merged_BKD)
+        projected_BKH = task.visual.project(merged_BKD, valid_BK)
         t_BAN = targets_BAN[start : start + 100].long().to(frozen.keep_BN.device)
         for b in range(len(pixels)):
             rows, positions = kept_object_rows(frozen.keep_BN[b], valid_BK[b], t_BAN[b, 0])

@@ -46,13 +46,18 @@ def caption_word_ce(task: LavitLMTask, data: str, batches: int = 4, batch_size: 
     """``{kind: {"ce", "targets", "relation_ce", "relation_targets", "chance", "row_spread"}}`` over ``batches`` x
     ``batch_size`` caption samples; ``ce`` = the words of the object list (only the image tells them), ``relation_``
     = those of the relation sentence after it (copyable from the list)."""
-    task.cfg = dataclasses.replace(task.cfg, understand_ratio=1.0, qa_ratio=0.0, text_ratio=0.0)
     cfg = DataConfig(train=data, batch_size=batch_size, shuffle_buffer=0)
+    own_cfg = task.cfg  # captions only while the data set is built (its collate reads the ratios), then restored
+    task.cfg = dataclasses.replace(own_cfg, understand_ratio=1.0, qa_ratio=0.0, text_ratio=0.0)
+    try:
+        stream = DataStream(task.build_dataset(cfg, "train", 0, 1))
+    finally:
+        task.cfg = own_cfg
     kinds = word_ids(task)
     by_id = {i: kind for kind, ids in kinds.items() for i in ids}
     losses: dict[str, list[float]] = {prefix + kind: [] for kind in kinds for prefix in ("", "relation ")}
     period = task.text_tokenizer(".", add_special_tokens=False).input_ids[-1]
-    for n, batch in enumerate(DataStream(task.build_dataset(cfg, "train", 0, 1))):
+    for n, batch in enumerate(stream):
         if n == batches:
             break
         packed = task.prepare(batch)

@@ -200,9 +200,14 @@ class VisualInput(nn.Module):
     def forward(self, x_BND: Tensor, keep_BN: Tensor) -> tuple[Tensor, Tensor]:
         """(LM-space tokens [B, K, H], valid [B, K]) of the kept patches, in raster order."""
         merged_BKD, valid_BK = self.merger(x_BND, keep_BN, dense=False)
+        return self.project(merged_BKD, valid_BK), valid_BK
+
+    def project(self, merged_BKD: Tensor, valid_BK: Tensor) -> Tensor:
+        """Merged tokens [B, K, D] (valid [B, K]) -> LM-space tokens [B, K, H]: the whitening, if any, then
+        ``vit_proj``."""
         if self.whiten is not None:
             merged_BKD = self.whiten(merged_BKD, valid_BK)
-        return self.vit_proj(merged_BKD), valid_BK
+        return self.vit_proj(merged_BKD)
 
 
 @dataclass
