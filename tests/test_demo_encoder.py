@@ -201,3 +201,35 @@ def test_embed_objective_lowers_the_loss_and_its_read_outs_learn() -> None:
 def test_unknown_objective_is_refused() -> None:
     with pytest.raises(ConfigError, match="demo_encoder.objective"):
         DemoEncoderConfig(objective="mae")
+
+
+def test_position_classes_name_the_cell_that_holds_each_patch_centre() -> None:
+    from vlpretrain.lavit.demo_encoder import patch_position_classes
+
+    assert torch.equal(patch_position_classes(64, 0), torch.arange(64))
+    cells_N = patch_position_classes(64, 3)  # 8 x 8 patches of 8 px on a 64-px image, 3 x 3 cells of 21.3 px
+    for n in range(64):
+        row, col = divmod(n, 8)
+        centre_y, centre_x = (row + 0.5) * 8, (col + 0.5) * 8
+        assert cells_N[n] == int(centre_y // (64 / 3)) * 3 + int(centre_x // (64 / 3))
+    assert torch.bincount(cells_N).tolist() == [9, 6, 9, 6, 4, 6, 9, 6, 9]
+    with pytest.raises(ValueError, match="square"):
+        patch_position_classes(12, 3)
+
+
+def test_cell_position_target_trains_a_head_over_cells() -> None:
+    from vlpretrain.lavit.demo_encoder import AttributeEmbeddings, PatchHeads, dense_loss, patch_position_classes
+
+    torch.manual_seed(0)
+    heads = PatchHeads(32, SYNTH.max_objects, num_patches=16, position_grid=2)
+    logits = heads(torch.randn(2, 16, 32))
+    assert logits["position"].shape == (2, 16, 4)
+    targets_BAN = torch.zeros(2, 4, 16, dtype=torch.long)
+    _, terms = dense_loss(logits, targets_BAN, torch.tensor([0, 0]), heads.position_class)
+    classes_M = patch_position_classes(16, 2).repeat(2)
+    expected = torch.nn.functional.cross_entropy(logits["position"].reshape(32, 4), classes_M)
+    assert terms["position"] == pytest.approx(float(expected), rel=1e-6)
+    table = AttributeEmbeddings(dim=32, num_patches=16, seed=0, position_grid=2)
+    target_BND = table(torch.zeros(1, 4, 16, dtype=torch.long))
+    assert torch.equal(target_BND[0, 0], target_BND[0, 5])  # patches 0 and 5 share the top-left cell
+    assert not torch.equal(target_BND[0, 0], target_BND[0, 2])

@@ -7,7 +7,8 @@ pixels, unrelated to objects), and LaVIT's own EVA-CLIP ViT-g/14 is far too larg
 
 Objective (and why): dense per-patch attribute supervision. Every patch of the 8 x 8 grid gets targets from the
 scene's ground truth: whether an object covers it and, if one does, that object's shape, colour and size; each patch
-also learns its own grid position (see ``position_target``). A count head reads the image's object count from
+also learns where it is: the cell of the scene's 3 x 3 object grid that holds it (``position_target``,
+``position_grid``). A count head reads the image's object count from
 detached features, as a report only (``count_target``). Linear heads read the last block's output (through a
 LayerNorm) and are thrown away after training; only the ViT is kept. This is the cheapest way on a CPU to get patch
 features that linearly encode object identity per location, which is what LaVIT's selector must keep and its decoder
@@ -47,6 +48,7 @@ A the four per-patch targets (object, shape, colour, size), K classes of a head 
 from __future__ import annotations
 
 import json
+import math
 import random
 import time
 from dataclasses import dataclass, field
@@ -89,7 +91,12 @@ WHITENING_EPS = 1e-2  # see init_patch_embed_whitening
 WHITENING_IMAGES = 2048  # training images whose patches set the whitening
 THREAD_PROBE_PERIOD = 50  # steps between two timings of each thread count, see _ThreadPicker
 OBJECTIVES = ("classify", "embed", "embed+classify")  # see DemoEncoderConfig.objective
-EMBEDDED = (*PATCH_HEADS, "position")  # the attributes of AttributeEmbeddings
+EMBEDDED = (*PATCH_HEADS, "position")
+HEAD_TERMS = (
+    *PATCH_HEADS,
+    "count",
+    "position",
+)  # the cross-entropies of dense_loss  # the attributes of AttributeEmbeddings
 MIN_COVERAGE = 0.25  # fraction of a patch an object must paint to label it, see patch_targets
 
 
@@ -114,6 +121,12 @@ class DemoEncoderConfig:
             where each patch is: LaVIT's feature decoder places tokens only by their rank in the kept sequence, so
             its reconstruction needs positions carried by the features themselves (EVA-CLIP's do; without this
             target a linear probe finds the exact position of only 32% of the tiny ViT's patches).
+        position_grid: what the position target names. None (the default): the cell of the data's object grid
+            (``SynthConfig.grid``, 3 x 3) that holds the patch's centre, so the features say which cell a patch is
+            in but not where inside it (:func:`patch_position_classes`); objects sit one per cell, so the cell is
+            all the scene says about where things are. 0: the patch's own grid index (N classes; the default
+            before 2026-11-24: the codes then spent their bits on the 64 patch positions and dropped shape,
+            docs/lavit.md). G > 0: the cells of a G x G grid.
         count_target: let the object-count loss shape the features (the count head reads their mean); False (the
             default) trains the count head on detached features, a read-out only: with the count in every patch
             feature the tokenizer's selector read it through its global branch and learned keep offsets per count
@@ -126,6 +139,8 @@ class DemoEncoderConfig:
             "embed+classify": both losses shape the features.
         embed_scales: norm of each attribute's target vectors (keys: object, shape, color, size, position; default
             1 each), e.g. ``{"color": 2}`` gives colour four times the variance of the others.
+        head_weights: weight of each cross-entropy of the "classify" objective (keys: object, shape, color, size,
+            count, position; default 1 each). A larger weight gives that attribute a larger share of the features.
         whiten_patches: initialise the patch embedding to PCA-whiten the training images' patches
             (:func:`init_patch_embed_whitening`) instead of at random.
         time_limit_s: wall-clock budget of the optimisation loop; when it runs out the learning-rate schedule has
@@ -147,9 +162,11 @@ class DemoEncoderConfig:
     bf16: bool = True
     whiten_patches: bool = True
     position_target: bool = True
+    position_grid: int | None = None
     count_target: bool = False
     objective: str = "classify"
     embed_scales: dict[str, float] = field(default_factory=dict)
+    head_weights: dict[str, float] = field(default_factory=dict)
     time_limit_s: float = 150.0
     eval_images: int = 500
     seed: int = 0
@@ -178,6 +195,11 @@ class DemoEncoderConfig:
         for name, scale in self.embed_scales.items():
             if name not in EMBEDDED or scale <= 0:
                 raise ConfigError(f"demo_encoder.embed_scales: {name}={scale} (keys: {', '.join(EMBEDDED)}; > 0)")
+        for name, weight in self.head_weights.items():
+            if name not in HEAD_TERMS or weight < 0:
+                raise ConfigError(f"demo_encoder.head_weights: {name}={weight} (keys: {', '.join(HEAD_TERMS)}; >= 0)")
+        if self.position_grid is not None and not 0 <= self.position_grid <= 8:
+            raise ConfigError(f"demo_encoder.position_grid: {self.position_grid} is outside 0..8 (or null)")
         if self.time_limit_s < 0:
             raise ConfigError(f"demo_encoder.time_limit_s: must be >= 0 (0 = no limit), got {self.time_limit_s}")
 
@@ -305,6 +327,18 @@ def make_dense_pool(
 # heads, loss, evaluation
 
 
+def patch_position_classes(num_patches: int, grid: int = 0) -> Tensor:
+    """The position class of each patch of a square patch grid (long [N]): its raster index when ``grid`` is 0,
+    else the index of the cell of a ``grid`` x ``grid`` layout that holds the patch's centre."""
+    side = math.isqrt(num_patches)
+    if side * side != num_patches:
+        raise ValueError(f"position classes: {num_patches} patches do not form a square grid")
+    if grid == 0:
+        return torch.arange(num_patches)
+    cell_S = ((torch.arange(side) + 0.5) * grid / side).long()
+    return (cell_S[:, None] * grid + cell_S[None, :]).flatten()
+
+
 class PatchHeads(nn.Module):
     """Training-only read-outs of the ViT's patch features: a LayerNorm, then one Linear per patch for the four
     per-patch targets, one on the mean-pooled patches for the object count and, with ``num_patches``, one per patch
@@ -315,15 +349,20 @@ class PatchHeads(nn.Module):
         max_objects: the largest object count (the count head has ``max_objects + 1`` classes).
         num_patches: N; 0 = no position head.
         count_grad: whether the count loss reaches the features (False: the count head reads detached features).
+        position_grid: the position classes (:func:`patch_position_classes`; 0 = each patch its own class).
     """
 
-    def __init__(self, dim: int, max_objects: int, num_patches: int = 0, count_grad: bool = True) -> None:
+    def __init__(
+        self, dim: int, max_objects: int, num_patches: int = 0, count_grad: bool = True, position_grid: int = 0
+    ) -> None:
         super().__init__()
         self.count_grad = count_grad
+        classes_N = patch_position_classes(num_patches, position_grid) if num_patches else torch.zeros(0).long()
+        self.register_buffer("position_class", classes_N, persistent=False)  # [N] target class of each patch
         self.norm = nn.LayerNorm(dim)
         self.patch = nn.Linear(dim, sum(PATCH_HEADS.values()))
         self.count = nn.Linear(dim, max_objects + 1)
-        self.position = nn.Linear(dim, num_patches) if num_patches else None
+        self.position = nn.Linear(dim, int(classes_N.max()) + 1) if num_patches else None
         self.init_weights()
 
     @torch.no_grad()
@@ -339,7 +378,8 @@ class PatchHeads(nn.Module):
 
     def forward(self, feats_BND: Tensor) -> dict[str, Tensor]:
         """Patch features [B, N, D] -> logits ``{"object": [B, N, 2], "shape": [B, N, 5], "color": [B, N, 8],
-        "size": [B, N, 2], "count": [B, max_objects + 1]}`` and, with a position head, ``"position": [B, N, N]``."""
+        "size": [B, N, 2], "count": [B, max_objects + 1]}`` and, with a position head, ``"position": [B, N, P]``
+        (P position classes)."""
         x_BND = self.norm(feats_BND)
         logits = dict(zip(PATCH_HEADS, self.patch(x_BND).split(list(PATCH_HEADS.values()), dim=-1), strict=True))
         pooled_BD = x_BND.mean(dim=1)
@@ -362,13 +402,18 @@ class AttributeEmbeddings(nn.Module):
         num_patches: N (the position table's rows); 0 = no position vectors.
         seed: seed of the tables.
         scales: the norm of each attribute's vectors (default 1).
+        position_grid: the position classes (:func:`patch_position_classes`; 0 = each patch its own vector).
     """
 
-    def __init__(self, dim: int, num_patches: int, seed: int = 0, scales: dict[str, float] | None = None) -> None:
+    def __init__(
+        self, dim: int, num_patches: int, seed: int = 0, scales: dict[str, float] | None = None, position_grid: int = 0
+    ) -> None:
         super().__init__()
         generator = torch.Generator().manual_seed(seed)
         self.with_position = num_patches > 0
-        sizes = {**PATCH_HEADS, "position": max(num_patches, 1)}
+        classes_N = patch_position_classes(num_patches, position_grid) if num_patches else torch.zeros(1).long()
+        self.register_buffer("position_class", classes_N, persistent=False)  # [N]
+        sizes = {**PATCH_HEADS, "position": int(classes_N.max()) + 1}
         for name, rows in sizes.items():
             table_KD = torch.randn(rows, dim, generator=generator)
             scale = (scales or {}).get(name, 1.0)
@@ -378,7 +423,7 @@ class AttributeEmbeddings(nn.Module):
         """Targets long [B, A, N] from :func:`patch_targets` -> target features [B, N, D] (fp32)."""
         target_BND = self.object[targets_BAN[:, 0]]
         if self.with_position:
-            target_BND = target_BND + self.position[None, : targets_BAN.shape[-1]]
+            target_BND = target_BND + self.position[self.position_class[None, : targets_BAN.shape[-1]]]
         for i, name in enumerate(("shape", "color", "size"), start=1):
             labels_BN = targets_BAN[:, i]
             known_BN1 = (labels_BN != IGNORE).unsqueeze(-1)
@@ -391,17 +436,26 @@ def embed_loss(feats_BND: Tensor, targets_BND: Tensor) -> Tensor:
     return (feats_BND.float() - targets_BND).square().sum(dim=-1).mean()
 
 
-def dense_loss(logits: dict[str, Tensor], targets_BAN: Tensor, counts_B: Tensor) -> tuple[Tensor, dict[str, float]]:
+def dense_loss(
+    logits: dict[str, Tensor],
+    targets_BAN: Tensor,
+    counts_B: Tensor,
+    position_class_N: Tensor | None = None,
+    weights: dict[str, float] | None = None,
+) -> tuple[Tensor, dict[str, float]]:
     """Sum of the cross-entropies: objectness on every patch, attributes on foreground patches, count per image and,
-    when ``logits`` has a position head, every patch's own grid index.
+    when ``logits`` has a position head, every patch's position class (``position_class_N`` long [N]; default its
+    own grid index).
 
     Args:
         logits: :class:`PatchHeads` output.
         targets_BAN: long [B, A, N] from :func:`patch_targets`.
         counts_B: long [B] object counts.
+        position_class_N: see above.
+        weights: weight of each term in the sum (default 1).
 
     Returns:
-        The loss (a scalar) and each term as a float.
+        The weighted sum (a scalar) and each unweighted term as a float.
     """
     terms = {}
     for i, name in enumerate(PATCH_HEADS):
@@ -412,9 +466,10 @@ def dense_loss(logits: dict[str, Tensor], targets_BAN: Tensor, counts_B: Tensor)
     terms["count"] = F.cross_entropy(logits["count"].float(), counts_B)
     if "position" in logits:
         batch, n = logits["position"].shape[:2]
-        positions_M = torch.arange(n, device=counts_B.device).repeat(batch)
+        classes_N = torch.arange(n) if position_class_N is None else position_class_N
+        positions_M = classes_N.to(counts_B.device).repeat(batch)
         terms["position"] = F.cross_entropy(rearrange(logits["position"].float(), "b n k -> (b n) k"), positions_M)
-    total = torch.stack(list(terms.values())).sum()
+    total = torch.stack([(weights or {}).get(name, 1.0) * value for name, value in terms.items()]).sum()
     return total, {name: float(value.detach()) for name, value in terms.items()}
 
 
@@ -471,7 +526,7 @@ def evaluate_patch_accuracy(
         correct["background"] += int((predicted["object"] == 0)[~foreground_BN].sum())
         correct["count"] += int((predicted["count"] == counts[start : start + batch_size].long()).sum())
         if "position" in predicted:
-            grid = torch.arange(predicted["position"].shape[1])
+            grid = heads.position_class
             correct["position"] = correct.get("position", 0) + int((predicted["position"] == grid).sum())
     for module, mode in modes.items():
         module.train(mode)
@@ -566,6 +621,7 @@ def _train_step(
     bf16: bool,
     embeddings: AttributeEmbeddings | None = None,
     classify: bool = True,
+    weights: dict[str, float] | None = None,
 ) -> float:
     """One AdamW step on a batch (images uint8 [B, H, W, 3], targets int8 [B, A, N], counts int8 [B]); the loss.
     With ``embeddings`` the features also regress onto their targets; without ``classify`` the heads read detached
@@ -575,7 +631,7 @@ def _train_step(
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16), sdpa_kernel(SDPBackend.MATH):
         feats_BND = vit.forward_features(pixels_for_vit(images_BHWC))
         logits = heads(feats_BND if classify else feats_BND.detach())
-    loss, _ = dense_loss(logits, targets_BAN.long(), counts_B.long())
+    loss, _ = dense_loss(logits, targets_BAN.long(), counts_B.long(), heads.position_class, weights)
     if embeddings is not None:
         loss = loss + embed_loss(feats_BND, embeddings(targets_BAN.long()))
     optimizer.zero_grad(set_to_none=True)
@@ -603,11 +659,12 @@ def train_dense(
     torch.manual_seed(cfg.seed)
     vit = VisionTransformer(vit_cfg).train()
     num_positions = vit.num_patches if cfg.position_target else 0
-    heads = PatchHeads(vit_cfg.width, synth.max_objects, num_positions, count_grad=cfg.count_target).train()
+    grid = synth.grid if cfg.position_grid is None else cfg.position_grid
+    heads = PatchHeads(vit_cfg.width, synth.max_objects, num_positions, cfg.count_target, grid).train()
     optimizer = _optimizer([*vit.named_parameters(), *heads.named_parameters()], cfg)
     embeddings, classify = None, "classify" in cfg.objective
     if "embed" in cfg.objective:
-        embeddings = AttributeEmbeddings(vit_cfg.width, num_positions, cfg.seed, cfg.embed_scales)
+        embeddings = AttributeEmbeddings(vit_cfg.width, num_positions, cfg.seed, cfg.embed_scales, grid)
     generator = torch.Generator().manual_seed(cfg.seed)
     threads_before = torch.get_num_threads()
     picker = _ThreadPicker(threads_before)
@@ -644,7 +701,9 @@ def train_dense(
                 torch.set_num_threads(threads)
                 step_start = time.perf_counter()
                 batch = tuple(t[idx] for t in pool)
-                losses.append(_train_step(vit, heads, optimizer, batch, cfg.bf16, embeddings, classify))
+                losses.append(
+                    _train_step(vit, heads, optimizer, batch, cfg.bf16, embeddings, classify, cfg.head_weights)
+                )
                 picker.record(step, threads, time.perf_counter() - step_start)
                 step += 1
                 # log
