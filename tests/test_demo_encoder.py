@@ -233,3 +233,23 @@ def test_cell_position_target_trains_a_head_over_cells() -> None:
     target_BND = table(torch.zeros(1, 4, 16, dtype=torch.long))
     assert torch.equal(target_BND[0, 0], target_BND[0, 5])  # patches 0 and 5 share the top-left cell
     assert not torch.equal(target_BND[0, 0], target_BND[0, 2])
+
+
+def test_head_weights_scale_their_terms_and_unknown_keys_are_refused() -> None:
+    from vlpretrain.lavit.demo_encoder import PatchHeads, dense_loss
+
+    torch.manual_seed(0)
+    heads = PatchHeads(32, SYNTH.max_objects, num_patches=16)
+    logits = heads(torch.randn(2, 16, 32))
+    targets_BAN = torch.randint(0, 2, (2, 4, 16))
+    counts_B = torch.tensor([1, 2])
+    total, terms = dense_loss(logits, targets_BAN, counts_B)
+    weighted, same_terms = dense_loss(logits, targets_BAN, counts_B, weights={"color": 3.0, "position": 0.0})
+    assert same_terms == terms  # the reported terms stay unweighted
+    expected = sum(terms.values()) + 2 * terms["color"] - terms["position"]
+    assert float(total) == pytest.approx(sum(terms.values()), rel=1e-5)
+    assert float(weighted) == pytest.approx(expected, rel=1e-5)
+    with pytest.raises(ConfigError, match="head_weights: colour"):
+        DemoEncoderConfig(head_weights={"colour": 2.0})
+    with pytest.raises(ConfigError, match="position_grid"):
+        DemoEncoderConfig(position_grid=9)
