@@ -224,3 +224,31 @@ def test_fan_in_decoder_gives_codes_and_positions_the_same_scale() -> None:
     assert 0.8 < float(content.var()) < 1.25 and 0.8 < float(dec.pos_embed.var()) < 1.25
     dec.init_weights("official")
     assert float(dec.pos_embed.std()) < 0.05
+
+
+def test_ratio_multiplier_rises_while_too_much_is_kept_and_its_term_pushes_keep_down(images) -> None:
+    """With ``ratio_dual_lr`` the multiplier moves by lr x (kept fraction - rho) per training forward, and the loss
+    gains multiplier x (kept - rho): with everything kept the term is positive and pushes the keep logit down."""
+    import copy
+
+    assert "ratio_multiplier" not in tiny().state_dict()  # off: checkpoints keep their keys
+    torch.manual_seed(0)  # no quantiser in these calls, so two copies compute the same reconstruction
+    tok = DynamicTokenizer(TokenizerConfig(codebook_size=64, quant_warmup_steps=100, ratio_dual_lr=0.5)).train()
+    with torch.no_grad():  # keep nearly every patch: log-odds about +20
+        tok.token_predictor.out_conv[-2].bias.copy_(torch.tensor([10.0, -10.0]))
+    features = tok.encoder(images).detach()
+    first = tok.forward_features(features)
+    gap = 1 - 1 / 3
+    assert float(first.keep_ratio) == 1.0 and float(tok.ratio_multiplier) == pytest.approx(0.5 * gap)
+    plain = copy.deepcopy(tok)
+    plain.cfg = TokenizerConfig(**{**vars(tok.cfg), "ratio_dual_lr": 0.0})
+    with_term = tok.forward_features(features).loss_B.mean()
+    without = plain.forward_features(features).loss_B.mean()
+    assert float((with_term - without).detach()) == pytest.approx(0.5 * gap * gap, rel=1e-4)
+    assert float(tok.ratio_multiplier) == pytest.approx(2 * 0.5 * gap)
+    with torch.no_grad():  # now keep nearly nothing: the multiplier falls
+        tok.token_predictor.out_conv[-2].bias.copy_(torch.tensor([-10.0, 10.0]))
+    before = float(tok.ratio_multiplier)
+    tok.forward_features(features)
+    assert float(tok.ratio_multiplier) == pytest.approx(before - 0.5 / 3)
+    assert "ratio_multiplier" in tok.state_dict()  # saved, so a resumed run continues with it

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from vlpretrain.configs import ConfigError
 from vlpretrain.core.attention import init_linear_and_norm
 from vlpretrain.core.encoders import EncoderSpec, build_encoder
-from vlpretrain.core.quantize import CosineCodebook
+from vlpretrain.core.quantize import CosineCodebook, all_reduce_if_distributed
 from vlpretrain.lavit.feature_decoder import FeatureDecoder
 from vlpretrain.lavit.merger import TokenMerger, kept_index
 from vlpretrain.lavit.selector import TokenSelector, keep_decision, keep_entropy, log_odds_excess, ratio_loss
@@ -48,6 +48,12 @@ class TokenizerConfig:
             per-image penalty pulls every image toward rho x N, the batch-level one lets token counts follow content;
             measured in docs/lavit.md).
         ratio_weight, commit_weight: loss weights.
+        ratio_dual_lr: step size of a Lagrange multiplier on the batch's kept fraction (0 = off, official): the
+            loss gains ``multiplier * (kept fraction - rho)`` and after every training forward the multiplier
+            moves by ``ratio_dual_lr * (kept fraction - rho)`` (all ranks' mean), so the kept fraction is held at
+            rho on average whatever the reconstruction would rather keep. A fixed ``ratio_weight`` lets it drift
+            above rho, and the deterministic threshold (calibrated to rho) then keeps fewer tokens than training
+            did (docs/lavit.md, "Codes with shape").
         keep_entropy_weight: weight of the mean binary entropy of the keep probabilities (0 = off, official): a
             confident selector keeps in deterministic inference what it kept in training.
         keep_log_odds_bound: penalise keep log-odds beyond +- this bound (:func:`log_odds_excess`, weight 1; 0 = off,
@@ -83,6 +89,7 @@ class TokenizerConfig:
     commit_weight: float = 1.0
     keep_entropy_weight: float = 0.0
     keep_log_odds_bound: float = 0.0
+    ratio_dual_lr: float = 0.0
     quant_warmup_steps: int = 100
     ema_decay: float = 0.99
     kmeans_iters: int = 10
@@ -100,6 +107,8 @@ class TokenizerConfig:
             raise ConfigError("merger_depth, decoder_depth, heads, codebook_size, code_dim: must be >= 1")
         if self.quant_warmup_steps < 0:
             raise ConfigError("quant_warmup_steps: must be >= 0")
+        if self.ratio_dual_lr < 0:
+            raise ConfigError(f"ratio_dual_lr: must be >= 0 (0 = off), got {self.ratio_dual_lr}")
         if self.keep_log_odds_bound < 0:
             raise ConfigError(f"keep_log_odds_bound: must be >= 0 (0 = none), got {self.keep_log_odds_bound}")
 
@@ -157,6 +166,8 @@ class DynamicTokenizer(nn.Module):
                                       self.encoder.num_patches, dim, cfg.unet_dim)  # fmt: skip
         self.decoder.init_weights(cfg.decoder_init)
         self.register_buffer("train_calls", torch.zeros((), dtype=torch.long))
+        if cfg.ratio_dual_lr:  # only then: checkpoints without the option keep their keys
+            self.register_buffer("ratio_multiplier", torch.zeros(()))  # see TokenizerConfig.ratio_dual_lr
         self.encode_task_layer.apply(init_linear_and_norm)
 
     @property
@@ -217,7 +228,20 @@ class DynamicTokenizer(nn.Module):
             loss_B = loss_B + self.cfg.keep_entropy_weight * keep_entropy(logp_BN2).mean(dim=1)
         if self.cfg.keep_log_odds_bound:
             loss_B = loss_B + log_odds_excess(logp_BN2, self.cfg.keep_log_odds_bound).mean(dim=1)
+        if self.training and self.cfg.ratio_dual_lr:
+            kept_B = keep_BN.float().mean(dim=1)
+            loss_B = loss_B + self.ratio_multiplier * (kept_B - self.cfg.rho)
+            self._ratio_dual_step(kept_B.detach())
         return TokenizerOutput(loss_B, cos_BN.mean().detach(), keep_BN.mean().detach(), commit.detach(), stats)
+
+    @torch.no_grad()
+    def _ratio_dual_step(self, kept_B: Tensor) -> None:
+        """Move the ratio multiplier by ``ratio_dual_lr`` times the gap between the kept fraction of all ranks' images
+        (``kept_B`` [B], this rank's) and rho; every rank applies the same step."""
+        total = torch.stack([kept_B.sum(), kept_B.new_tensor(float(len(kept_B)))])
+        all_reduce_if_distributed(total)
+        gap = total[0] / total[1].clamp(min=1.0) - self.cfg.rho
+        self.ratio_multiplier.add_(self.cfg.ratio_dual_lr * gap.to(self.ratio_multiplier.dtype))
 
     def _quantize(self, z: Tensor, valid: Tensor, quantizing: bool) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         """(codes [..., C], commitment loss, statistics); before quantisation starts, the normalised vectors."""
