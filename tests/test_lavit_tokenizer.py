@@ -245,6 +245,8 @@ def test_ratio_multiplier_rises_while_too_much_is_kept_and_its_term_pushes_keep_
     with_term = tok.forward_features(features).loss_B.mean()
     without = plain.forward_features(features).loss_B.mean()
     assert float((with_term - without).detach()) == pytest.approx(0.5 * gap * gap, rel=1e-4)
+    with_term.backward()  # the multiplier's in-place step must not break the backward pass
+    assert tok.token_predictor.out_conv[-2].bias.grad is not None
     assert float(tok.ratio_multiplier) == pytest.approx(2 * 0.5 * gap)
     with torch.no_grad():  # now keep nearly nothing: the multiplier falls
         tok.token_predictor.out_conv[-2].bias.copy_(torch.tensor([-10.0, 10.0]))

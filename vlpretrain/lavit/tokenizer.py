@@ -230,7 +230,8 @@ class DynamicTokenizer(nn.Module):
             loss_B = loss_B + log_odds_excess(logp_BN2, self.cfg.keep_log_odds_bound).mean(dim=1)
         if self.training and self.cfg.ratio_dual_lr:
             kept_B = keep_BN.float().mean(dim=1)
-            loss_B = loss_B + self.ratio_multiplier * (kept_B - self.cfg.rho)
+            multiplier = self.ratio_multiplier.clone()  # the step below changes the buffer in place
+            loss_B = loss_B + multiplier * (kept_B - self.cfg.rho)
             self._ratio_dual_step(kept_B.detach())
         return TokenizerOutput(loss_B, cos_BN.mean().detach(), keep_BN.mean().detach(), commit.detach(), stats)
 
