@@ -37,7 +37,7 @@ class DemoSize:
     synth_preset: str = "demo"
     judge_steps: int | None = None  # None: the preset's
     encoder_steps: int | None = None
-    tokenizer_steps: int = 1000  # with the ratio multiplier, 1000 steps met the targets in 3 seeds (docs/lavit.md)
+    tokenizer_steps: int = 1000  # with the ratio multiplier; 500 steps left the selector unsettled (docs/lavit.md)
     detokenizer_steps: int = 400
     lm_understand_steps: int = 1200  # stage 1 of the LM: [image, text] samples only (docs/lm.md, "Curriculum")
     lm_steps: int = 300

@@ -91,12 +91,8 @@ WHITENING_EPS = 1e-2  # see init_patch_embed_whitening
 WHITENING_IMAGES = 2048  # training images whose patches set the whitening
 THREAD_PROBE_PERIOD = 50  # steps between two timings of each thread count, see _ThreadPicker
 OBJECTIVES = ("classify", "embed", "embed+classify")  # see DemoEncoderConfig.objective
-EMBEDDED = (*PATCH_HEADS, "position")
-HEAD_TERMS = (
-    *PATCH_HEADS,
-    "count",
-    "position",
-)  # the cross-entropies of dense_loss  # the attributes of AttributeEmbeddings
+EMBEDDED = (*PATCH_HEADS, "position")  # the attributes of AttributeEmbeddings
+HEAD_TERMS = (*PATCH_HEADS, "count", "position")  # the cross-entropies of dense_loss
 MIN_COVERAGE = 0.25  # fraction of a patch an object must paint to label it, see patch_targets
 
 

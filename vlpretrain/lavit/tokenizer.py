@@ -10,8 +10,8 @@ Parameter names follow the official checkpoint (``token_predictor.*``, ``causal_
 under ``encoder.*``) so that `vlpretrain convert lavit-tokenizer` maps keys one to one.
 
 Training loss per image: mean over patches of (1 - cos(reconstruction, X)) + ratio_weight * (rho - kept fraction)^2
-+ commit_weight * commitment; quantisation is off (codes = normalised vectors) for the first
-``quant_warmup_steps`` training forward calls.
++ commit_weight * commitment (+ multiplier * (kept fraction - rho) with ``ratio_dual_lr``); quantisation is off
+(codes = normalised vectors) for the first ``quant_warmup_steps`` training forward calls.
 
 Shape letters: B images, N patches, K kept tokens (padded), D width, C code dim.
 """

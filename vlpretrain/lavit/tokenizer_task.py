@@ -28,8 +28,9 @@ def tokenizer_tiny() -> TokenizerConfig:
     at this size the codebook collapses to a few codes when quantisation starts, and with 0.05 it took ~300 steps
     to recover), a firm ratio penalty (``ratio_weight`` 30: with 2 the training keep fraction drifted to 0.4-0.56
     and held-out tokens at rho reconstructed worse) and a Lagrange multiplier that holds the training keep
-    fraction at rho (``ratio_dual_lr`` 0.5); with 1000 steps this met all four of the issue's targets in three
-    seeds out of three; measured in docs/lavit.md."""
+    fraction at rho (``ratio_dual_lr`` 0.5). With 1000 steps on the demo data: cosine 0.917-0.934, keep ratio
+    within 0.004 of rho and 93-96 % of the codes in four runs, Spearman(objects, tokens) 0.38-0.73; measured in
+    docs/lavit.md."""
     return TokenizerConfig(keep_entropy_weight=0.1, dead_code_threshold=0.5, ratio_weight=30.0, ratio_dual_lr=0.5)
 
 
