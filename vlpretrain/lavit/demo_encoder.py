@@ -325,7 +325,8 @@ def make_dense_pool(
 
 def patch_position_classes(num_patches: int, grid: int = 0) -> Tensor:
     """The position class of each patch of a square patch grid (long [N]): its raster index when ``grid`` is 0,
-    else the index of the cell of a ``grid`` x ``grid`` layout that holds the patch's centre."""
+    else the index of the cell of a ``grid`` x ``grid`` layout that holds the patch's centre. No patches (no
+    position target): an empty tensor."""
     side = math.isqrt(num_patches)
     if side * side != num_patches:
         raise ValueError(f"position classes: {num_patches} patches do not form a square grid")
@@ -353,7 +354,7 @@ class PatchHeads(nn.Module):
     ) -> None:
         super().__init__()
         self.count_grad = count_grad
-        classes_N = patch_position_classes(num_patches, position_grid) if num_patches else torch.zeros(0).long()
+        classes_N = patch_position_classes(num_patches, position_grid)
         self.register_buffer("position_class", classes_N, persistent=False)  # [N] target class of each patch
         self.norm = nn.LayerNorm(dim)
         self.patch = nn.Linear(dim, sum(PATCH_HEADS.values()))
@@ -407,9 +408,9 @@ class AttributeEmbeddings(nn.Module):
         super().__init__()
         generator = torch.Generator().manual_seed(seed)
         self.with_position = num_patches > 0
-        classes_N = patch_position_classes(num_patches, position_grid) if num_patches else torch.zeros(1).long()
+        classes_N = patch_position_classes(num_patches, position_grid)
         self.register_buffer("position_class", classes_N, persistent=False)  # [N]
-        sizes = {**PATCH_HEADS, "position": int(classes_N.max()) + 1}
+        sizes = {**PATCH_HEADS, "position": int(classes_N.max()) + 1 if num_patches else 1}
         for name, rows in sizes.items():
             table_KD = torch.randn(rows, dim, generator=generator)
             scale = (scales or {}).get(name, 1.0)
