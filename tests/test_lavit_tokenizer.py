@@ -254,3 +254,22 @@ def test_ratio_multiplier_rises_while_too_much_is_kept_and_its_term_pushes_keep_
     tok.forward_features(features)
     assert float(tok.ratio_multiplier) == pytest.approx(before - 0.5 / 3)
     assert "ratio_multiplier" in tok.state_dict()  # saved, so a resumed run continues with it
+
+
+def test_random_keep_steps_ignore_the_selector_then_hand_over(images) -> None:
+    """For the first ``random_keep_steps`` training calls every patch is kept with probability rho whatever the
+    selector says (and the selector gets no gradient); then the selector's decisions take over; evaluation always
+    uses the selector."""
+    tok = tiny(random_keep_steps=2, rho=0.5).train()
+    with torch.no_grad():  # a selector that drops every patch
+        tok.token_predictor.out_conv[-2].bias.copy_(torch.tensor([-40.0, 40.0]))
+    x = tok.encoder(images).detach()
+    torch.manual_seed(0)
+    for _ in range(2):
+        out = tok.forward_features(x)
+        assert 0.4 < out.keep_ratio < 0.6
+        out.loss_B.mean().backward()
+        grads = [p.grad for p in tok.token_predictor.parameters()]
+        assert all(g is None or not g.any() for g in grads)
+    assert tok.forward_features(x).keep_ratio == 0
+    assert tok.eval().tokenize_features(x).keep_BN.sum() == 0

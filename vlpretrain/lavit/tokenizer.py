@@ -59,6 +59,10 @@ class TokenizerConfig:
         keep_log_odds_bound: penalise keep log-odds beyond +- this bound (:func:`log_odds_excess`, weight 1; 0 = off,
             official): keeps a saturated selector from dropping every patch for good.
         quant_warmup_steps: training forward calls before quantisation switches on.
+        random_keep_steps: training forward calls in which each patch is kept at random with probability rho
+            instead of by the selector (ours; 0 = official): merger, codebook and decoder first learn to work from
+            any subset of the patches, before the selector picks one (docs/lavit.md, "Token counts that follow
+            content").
         ema_decay, kmeans_iters, dead_code_threshold: codebook training (see vlpretrain.core.quantize).
         eval_keep: keep decisions outside training: "deterministic" (the calibrated threshold), "sample"
             (official), or "all" (every patch: the fixed-length baseline of the paper's dynamic-vs-fixed ablation).
@@ -91,6 +95,7 @@ class TokenizerConfig:
     keep_log_odds_bound: float = 0.0
     ratio_dual_lr: float = 0.0
     quant_warmup_steps: int = 100
+    random_keep_steps: int = 0
     ema_decay: float = 0.99
     kmeans_iters: int = 10
     dead_code_threshold: float = 0.05
@@ -105,8 +110,8 @@ class TokenizerConfig:
             raise ConfigError(f"rho: {self.rho} must be in (0, 1]")
         if min(self.merger_depth, self.decoder_depth, self.heads, self.codebook_size, self.code_dim) < 1:
             raise ConfigError("merger_depth, decoder_depth, heads, codebook_size, code_dim: must be >= 1")
-        if self.quant_warmup_steps < 0:
-            raise ConfigError("quant_warmup_steps: must be >= 0")
+        if self.quant_warmup_steps < 0 or self.random_keep_steps < 0:
+            raise ConfigError("quant_warmup_steps, random_keep_steps: must be >= 0")
         if self.ratio_dual_lr < 0:
             raise ConfigError(f"ratio_dual_lr: must be >= 0 (0 = off), got {self.ratio_dual_lr}")
         if self.keep_log_odds_bound < 0:
@@ -185,6 +190,8 @@ class DynamicTokenizer(nn.Module):
         """:meth:`keep_mask` given the selector's log-probabilities [B, N, 2]."""
         if not self.training:
             return self.inference_keep(logp_BN2)
+        if int(self.train_calls) < self.cfg.random_keep_steps:
+            return (torch.rand(logp_BN2.shape[:-1], device=logp_BN2.device) < self.cfg.rho).to(logp_BN2.dtype)
         keep_BN = keep_decision(logp_BN2, "gumbel")
         if self.cfg.calibrate_threshold:
             self.token_predictor.calibrate(logp_BN2, self.cfg.rho)
