@@ -5,8 +5,10 @@ attributes the codes keep").
   the image, with one fixed id everywhere and with random ids (keep masks, so token counts and ranks, unchanged),
   and the cosine of each image's mean feature (a baseline that needs no tokens).
 - ``attribute_entropies``: on shapes-world test images with per-patch ground truth, the fraction of object and
-  background patches kept and, over the kept tokens on object patches, the entropy (bits) of shape, colour, size
-  and grid position and their conditional entropy given the code id (biased low when codes are many per token).
+  background patches kept, how often each patch position is kept (and how many positions are kept in at least 90 %
+  of the images: a selector that keeps the same positions whatever the image shows) and, over the kept tokens on
+  object patches, the entropy (bits) of shape, colour, size and grid position and their conditional entropy given
+  the code id (biased low when codes are many per token).
 - ``feature_variance``: the share of the encoder features' variance explained by each patch attribute.
 - ``stage_probes``: where an attribute is lost on the way from feature to code: held-out accuracy of a linear probe
   (multinomial logistic regression) reading shape, colour, size and grid position of the kept object tokens from the
@@ -122,8 +124,10 @@ def attribute_entropies(tokenizer: Tokenizer, images_BHWC: Tensor, targets_BAN: 
     :func:`dense_test_pool`."""
     model = tokenizer.model
     rows, kept, total = [], np.zeros(2), np.zeros(2)  # [background, object]
+    kept_by_position = np.zeros(model.num_patches)
     for start in range(0, len(images_BHWC), 100):
         ids, keep_BN = model.tokenize(unit_pixels(images_BHWC[start : start + 100], tokenizer.device))
+        kept_by_position += keep_BN.float().sum(dim=0).cpu().numpy()
         t_BAN = targets_BAN[start : start + 100].long()
         for b, codes in enumerate(ids):
             obj_N, keep_N = t_BAN[b, 0] == 1, keep_BN[b].cpu()
@@ -139,6 +143,9 @@ def attribute_entropies(tokenizer: Tokenizer, images_BHWC: Tensor, targets_BAN: 
     out: dict[str, float] = {"kept_object_fraction": kept[1] / max(total[1], 1),
                              "kept_background_fraction": kept[0] / max(total[0], 1),
                              "object_tokens": float(len(on_objects))}  # fmt: skip
+    position_fraction = kept_by_position / max(len(images_BHWC), 1)
+    out["positions_kept_in_90_percent"] = float((position_fraction >= 0.9).sum())
+    out["kept_fraction_by_position"] = [round(float(f), 3) for f in position_fraction]
     for column, name in enumerate((*ATTRIBUTES, "position"), start=2):
         out[f"{name}_bits"] = _entropy(on_objects[:, column])
         out[f"{name}_bits_given_code"] = _conditional_entropy(on_objects[:, column], on_objects[:, 0])

@@ -16,6 +16,7 @@ from benchmarks.tokenizer_codes import (
     dense_test_pool,
     linear_probe_accuracy,
     stage_probes,
+    unit_pixels,
 )
 from vlpretrain.data.synthetic import SynthConfig, make_example
 from vlpretrain.eval.tokenizer_stats import run as tokenizer_stats
@@ -48,8 +49,14 @@ def test_real_codes_give_the_tokenizer_statistics_cosine(tokenizer: Tokenizer) -
 
 
 def test_attribute_entropies_are_bounded(tokenizer: Tokenizer) -> None:
-    out = attribute_entropies(tokenizer, *dense_test_pool(tokenizer, 20))
+    pool = dense_test_pool(tokenizer, 20)
+    out = attribute_entropies(tokenizer, *pool)
     assert 0.0 <= out["kept_object_fraction"] <= 1.0 and 0.0 <= out["kept_background_fraction"] <= 1.0
+    by_position = out["kept_fraction_by_position"]  # summed over positions: the mean token count per image
+    ids, _ = tokenizer.model.tokenize(unit_pixels(pool[0], tokenizer.device))
+    assert len(by_position) == tokenizer.model.num_patches and all(0.0 <= f <= 1.0 for f in by_position)
+    assert sum(by_position) == pytest.approx(sum(len(s) for s in ids) / len(ids), abs=0.05)
+    assert out["positions_kept_in_90_percent"] == sum(f >= 0.9 for f in by_position)
     for name in ("shape", "color", "size", "position"):
         assert 0.0 <= out[f"{name}_bits_given_code"] <= out[f"{name}_bits"] + 1e-9
     assert out["color_bits"] <= math.log2(8) + 1e-9
