@@ -28,9 +28,9 @@ def tokenizer_tiny() -> TokenizerConfig:
     recover), a firm ratio penalty (``ratio_weight`` 30: with 2 the training keep fraction drifted to 0.4-0.56 and
     held-out tokens at rho reconstructed worse), a Lagrange multiplier that holds the training keep fraction at
     rho (``ratio_dual_lr`` 0.5) and 200 steps of random keep decisions before the selector takes over
-    (``random_keep_steps``: without them the selector could settle on keeping the same positions in every image,
-    and token counts stopped following content in one run of six); no keep-entropy term (with it the selector
-    locked in more often). With 1000 steps on the demo data, seven runs: cosine 0.905-0.932, keep ratio within
+    (``random_keep_steps``: without them the selector's decisions followed the patch position rather than its
+    content in one run of six, the same 21 tokens for one object as for five); no keep-entropy term (with it
+    that happened more often). With 1000 steps on the demo data, seven runs: cosine 0.905-0.932, keep ratio within
     0.006 of rho, 83-93 % of the codes, Spearman(objects, tokens) 0.63-0.80; measured in docs/lavit.md, "Token
     counts that follow content"."""
     return TokenizerConfig(dead_code_threshold=0.5, ratio_weight=30.0, ratio_dual_lr=0.5, random_keep_steps=200)
