@@ -15,13 +15,16 @@ from vlpretrain.train.task import Task, build_task, task_config
 # The paper-size presets (e.g. EVA-CLIP ViT-G, 1B parameters) do not fit a CPU unit test; their shapes and keys are
 # tested by the converters' tests on tiny state dicts in the official layout.
 CPU_SIZED = [name for name in vlpretrain.list_models() if not name.endswith("/paper")]
+# Presets whose first training steps leave some parameters out by design: the tiny tokenizer keeps patches at random
+# for its first steps, so its selector gets no gradient then (tests/test_lavit_tokenizer.py tests that phase).
+FIRST_STEP_OVERRIDES = {"lavit-tokenizer/tiny": {"random_keep_steps": 0}}
 
 
 @pytest.mark.parametrize("name", CPU_SIZED)
 def test_model_forward_backward(name: str, shapes_data: Path) -> None:
     task_name, preset = name.split("/")
     torch.manual_seed(0)
-    task = build_task(task_name, task_config(task_name, preset, {}))
+    task = build_task(task_name, task_config(task_name, preset, FIRST_STEP_OVERRIDES.get(name, {})))
     assert isinstance(task, Task)
     data = DataConfig(train=str(shapes_data / "train"), batch_size=4, shuffle_buffer=0)
     batch = next(iter(DataStream(task.build_dataset(data, "train", 0, 1))))
