@@ -47,6 +47,10 @@ def code_information(tokenizer: Tokenizer, images: Sequence[Any], batch_size: in
         x_BND = model.encoder(tokenizer.preprocess(images[start : start + batch_size]))
         ids, _ = model.tokenize_features(x_BND).ids_and_keep()
         x_BND = x_BND.float()
+        if not any(len(i) for i in ids):
+            last = start + len(ids) - 1
+            raise SystemExit(f"error: the tokenizer keeps no patch of test images {start}..{last}: nothing to "
+                             "measure (a collapsed selector; see its eval_tokenizer.json keep_ratio)")  # fmt: skip
         common = int(torch.cat(ids).mode().values)
         variants = {
             "real": ids,

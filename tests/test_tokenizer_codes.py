@@ -48,6 +48,16 @@ def test_real_codes_give_the_tokenizer_statistics_cosine(tokenizer: Tokenizer) -
     assert all(-1.0 <= v <= 1.0 for v in info.values())
 
 
+def test_a_tokenizer_that_keeps_nothing_is_named_not_a_crash() -> None:
+    torch.manual_seed(0)
+    model = DynamicTokenizer(TokenizerConfig(codebook_size=64)).eval()
+    with torch.no_grad():  # a collapsed selector: every patch dropped
+        model.token_predictor.out_conv[-2].bias.copy_(torch.tensor([-40.0, 40.0]))
+    images = [make_example(SynthConfig(), "test", i).image for i in range(3)]
+    with pytest.raises(SystemExit, match="keeps no patch of test images 0..2"):
+        code_information(Tokenizer(model), images, batch_size=4)
+
+
 def test_attribute_entropies_are_bounded(tokenizer: Tokenizer) -> None:
     pool = dense_test_pool(tokenizer, 20)
     out = attribute_entropies(tokenizer, *pool)
