@@ -159,6 +159,9 @@ def test_sequences_and_their_targets() -> None:
     with pytest.raises(ValueError):
         Sample([1, 2], [True, True])
     assert vqa_prompt("What COLOR is the circle?") == "Question: what color is the circle Answer:"
+    two = understanding_sample(vocab, image=3, num_visual=1, prompt=[5], answer=[7], eos=2, more_turns=[([6], [8, 9])])
+    assert two.ids == [10, VISUAL_SLOT, 11, 5, 7, 2, 6, 8, 9, 2]
+    assert two.targets == [False] * 4 + [True, True, False, True, True, True]  # each answer and its </s>
 
 
 def test_plan_mixes_both_orders_and_text_in_every_batch() -> None:
@@ -171,6 +174,24 @@ def test_plan_mixes_both_orders_and_text_in_every_batch() -> None:
     assert [p.kind for p in few] == ["understand", "generate"]  # at least one of each
     again, _ = plan_batch(examples, lambda s: [len(w) for w in s.split()], 0.5, 0.5, 2.0, seed=3)
     assert again == plan_batch(examples, lambda s: [len(w) for w in s.split()], 0.5, 0.5, 2.0, seed=3)[0]
+
+
+def test_a_vqa_sample_asks_qa_turns_distinct_questions_of_its_image() -> None:
+    qa = [{"question": f"q{j}?", "answer": f"a{j}"} for j in range(5)]
+    examples = [{"caption": "Answer:", "qa": qa, "key": f"k{i}"} for i in range(6)]
+    words = {
+        w: n for n, w in enumerate(["Question:", "Answer:", *[f"q{j}" for j in range(5)], *[f"a{j}" for j in range(5)]])
+    }
+    plans, _ = plan_batch(examples, lambda s: [words[w] for w in s.split()], 1.0, 1.0, 0.0, seed=0, qa_turns=3)
+    for plan in plans:
+        turns = [(plan.prompt, plan.answer), *plan.more_turns]
+        assert len(turns) == 3 and len({tuple(p) for p, _ in turns}) == 3  # three different questions
+        assert all(p[1] - 2 == a[0] - 7 for p, a in turns)  # each with its own answer
+    assert len({tuple(p.prompt) for p in plans}) > 1  # random order: not always the same first question
+    many, _ = plan_batch(examples, lambda s: [words[w] for w in s.split()], 1.0, 1.0, 0.0, seed=0, qa_turns=9)
+    assert all(len(p.more_turns) == 4 for p in many)  # at most every question of the image
+    with pytest.raises(ConfigError, match="qa_turns"):
+        LavitLMConfig(qa_turns=0)
 
 
 def test_prepared_batch_targets_are_exactly_the_loss_masks(task: LavitLMTask, shapes_data: Path) -> None:

@@ -55,6 +55,9 @@ class LavitLMConfig:
         max_len: L, tokens per packed training row; also the longest context at inference (<= llm.max_positions).
         understand_ratio: fraction of image-text pairs trained as ``[image, text]`` (the rest ``[text, image]``).
         qa_ratio: fraction of ``[image, text]`` samples that are VQA ("Question: q Answer: a") instead of captions.
+        qa_turns: questions a VQA sample asks about its image, one after another (``Question: q Answer: a </s>``
+            each; 1 = one question per sample, the evaluation's format): the same image tokens then teach several
+            answers (ours, for the demo's VQA; docs/lm.md, "Several questions per image").
         text_ratio: text-only documents per image-text pair (2.0 = the maintainers' 2:1).
         train_merger: fine-tune the understanding merger (the official does); False keeps the tokenizer's.
         train_vit_proj: train ``vit_proj`` (the official does); False keeps its random init, a map that preserves the
@@ -79,6 +82,7 @@ class LavitLMConfig:
     max_len: int = 256
     understand_ratio: float = 0.5
     qa_ratio: float = 0.0
+    qa_turns: int = 1
     text_ratio: float = 2.0
     train_merger: bool = True
     train_vit_proj: bool = True
@@ -97,6 +101,8 @@ class LavitLMConfig:
                 raise ConfigError(f"{name}: {getattr(self, name)} must be in [0, 1]")
         if self.text_ratio < 0:
             raise ConfigError(f"text_ratio: {self.text_ratio} must be >= 0")
+        if self.qa_turns < 1:
+            raise ConfigError(f"qa_turns: {self.qa_turns} must be >= 1")
         if self.whiten_visual < 0:
             raise ConfigError(f"whiten_visual: {self.whiten_visual} must be >= 0 (0 = off)")
 

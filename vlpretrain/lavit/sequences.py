@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import random
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -66,11 +67,15 @@ class Sample:
 
 
 def understanding_sample(vocab: VisualVocab, image: int, num_visual: int, prompt: list[int], answer: list[int],
-                         eos: int) -> Sample:  # fmt: skip
-    """``[IMG] slots [/IMG] prompt answer </s>``; targets: answer and ``</s>`` (a caption is all answer)."""
-    head = [vocab.img_start, *([VISUAL_SLOT] * num_visual), vocab.img_end, *prompt]
-    tail = [*answer, eos]
-    return Sample(head + tail, [False] * len(head) + [True] * len(tail), image, "understand")
+                         eos: int, more_turns: Sequence[tuple[list[int], list[int]]] = ()) -> Sample:  # fmt: skip
+    """``[IMG] slots [/IMG] prompt answer </s>``, then ``prompt answer </s>`` for each of ``more_turns`` (further
+    questions about the same image); targets: every answer and its ``</s>`` (a caption is all answer)."""
+    ids = [vocab.img_start, *([VISUAL_SLOT] * num_visual), vocab.img_end]
+    targets = [False] * len(ids)
+    for turn_prompt, turn_answer in [(prompt, answer), *more_turns]:
+        ids += [*turn_prompt, *turn_answer, eos]
+        targets += [False] * len(turn_prompt) + [True] * (len(turn_answer) + 1)
+    return Sample(ids, targets, image, "understand")
 
 
 def generation_sample(vocab: VisualVocab, text: list[int], codes: list[int]) -> Sample:
@@ -88,27 +93,30 @@ def text_sample(text: list[int], bos: int, eos: int) -> Sample:
 
 @dataclass
 class ImagePlan:
-    """What one image-text pair of a batch becomes: ``understand`` (prompt + answer) or ``generate`` (text)."""
+    """What one image-text pair of a batch becomes: ``understand`` (prompt + answer, then ``more_turns``: further
+    (prompt, answer) pairs about the same image) or ``generate`` (text)."""
 
     kind: str
     prompt: list[int] = field(default_factory=list)
     answer: list[int] = field(default_factory=list)
     text: list[int] = field(default_factory=list)
+    more_turns: list[tuple[list[int], list[int]]] = field(default_factory=list)
 
 
 def plan_batch(examples: list[dict[str, Any]], tokenize: Any, understand_ratio: float, qa_ratio: float,
-               text_ratio: float, seed: int) -> tuple[list[ImagePlan], list[list[int]]]:  # fmt: skip
+               text_ratio: float, seed: int, qa_turns: int = 1) -> tuple[list[ImagePlan], list[list[int]]]:  # fmt: skip
     """Decide the sequences of a batch of pairs (``{"caption", "qa": [{"question", "answer"}], "key"}``).
 
     The first round(B x ``understand_ratio``) pairs (the stream is shuffled, so these are random pairs) are
     understanding samples, at least one and at most B - 1 when 0 < ratio < 1 and B >= 2, so both orders are in every
     batch; each is a VQA sample with probability ``qa_ratio`` (when it has QA), drawn from a generator seeded by
-    (seed, key, position). Text-only documents cycle through the pairs' captions, then their QA text.
+    (seed, key, position) that asks min(``qa_turns``, questions of the pair) of its questions, in random order, one
+    after another. Text-only documents cycle through the pairs' captions, then their QA text.
 
     Args:
         examples: the decoded pairs.
         tokenize: ``str -> list[int]`` (no special tokens).
-        understand_ratio, qa_ratio, text_ratio: see :class:`vlpretrain.lavit.model.LavitLMConfig`.
+        understand_ratio, qa_ratio, text_ratio, qa_turns: see :class:`vlpretrain.lavit.model.LavitLMConfig`.
         seed: the data seed.
 
     Returns:
@@ -126,8 +134,9 @@ def plan_batch(examples: list[dict[str, Any]], tokenize: Any, understand_ratio: 
             continue
         rng = random.Random(f"lavit-lm/{seed}/{ex['key']}/{i}")
         if ex["qa"] and rng.random() < qa_ratio:
-            qa = rng.choice(ex["qa"])
-            plans.append(ImagePlan("understand", tokenize(vqa_prompt(qa["question"])), tokenize(qa["answer"])))
+            asked = rng.sample(ex["qa"], min(qa_turns, len(ex["qa"]))) if qa_turns > 1 else [rng.choice(ex["qa"])]
+            turns = [(tokenize(vqa_prompt(qa["question"])), tokenize(qa["answer"])) for qa in asked]
+            plans.append(ImagePlan("understand", *turns[0], more_turns=turns[1:]))
         else:
             plans.append(ImagePlan("understand", answer=caption))
     sources = [ex["caption"] for ex in examples]
@@ -151,7 +160,8 @@ def build_samples(vocab: VisualVocab, plans: list[ImagePlan], docs: list[list[in
     samples = []
     for b, plan in enumerate(plans):
         if plan.kind == "understand":
-            samples.append(understanding_sample(vocab, b, visual_lengths[b], plan.prompt, plan.answer, eos))
+            samples.append(understanding_sample(vocab, b, visual_lengths[b], plan.prompt, plan.answer, eos,
+                                                plan.more_turns))  # fmt: skip
         else:
             samples.append(generation_sample(vocab, plan.text, codes[b] or []))
     return samples + [text_sample(doc, bos, eos) for doc in docs]
