@@ -215,6 +215,19 @@ def test_prepared_batch_targets_are_exactly_the_loss_masks(task: LavitLMTask, sh
     assert int((labels[targets] >= vocab.code_offset).sum()) == sum(len(c) for c in frozen.codes if c is not None)
 
 
+def test_several_questions_per_image_reach_the_loss_with_one_end_each(shapes_data: Path) -> None:
+    """With ``qa_turns`` 3 every VQA sample of a real batch asks up to three questions (every record has at least
+    two): each answer is closed by a target ``</s>``, and the questions themselves are not targets."""
+    task = micro_task(qa_turns=3, qa_ratio=1.0, understand_ratio=1.0, text_ratio=0.0).eval()
+    batch = first_batch(task, shapes_data)
+    turns = [1 + len(p.more_turns) for p in batch["plans"]]
+    assert all(p.kind == "understand" for p in batch["plans"]) and min(turns) >= 2 and max(turns) == 3
+    labels = task.prepare(batch)["labels"]
+    assert int((labels == task.eos_id).sum()) == sum(turns)
+    answers = sum(len(a) for p in batch["plans"] for a in [p.answer, *(t[1] for t in p.more_turns)])
+    assert int((labels != IGNORE).sum()) == answers + sum(turns)
+
+
 def test_frozen_visual_gives_the_tokenizers_codes(task: LavitLMTask) -> None:
     images = torch.rand(4, 3, 64, 64)
     ids, keep = task.tokenizer.tokenize(images)
