@@ -200,11 +200,11 @@ LM_RECIPE: dict[str, Any] = {
     "log": {"every": 10},
 }
 # The LM curriculum (docs/lm.md, "Curriculum"): stage 1 trains understanding only ([image, text] pairs, half of
-# them VQA with five questions each (the preset's qa_turns; docs/lm.md, "Several questions per image"), no
-# text-only documents), stage 2 starts from it with the paper's mixture (both image orders, text 2:1).
+# them VQA with five questions each: the tiny preset's qa_ratio and qa_turns, docs/lm.md "Several questions per
+# image"; no text-only documents), stage 2 starts from it with the paper's mixture (both image orders, text 2:1).
 # vit_proj stays at its random init in both (docs/lm.md, "Where the colour goes").
 LM_MODEL: dict[str, Any] = {"train_vit_proj": False}
-LM_UNDERSTAND: dict[str, Any] = {"understand_ratio": 1.0, "text_ratio": 0.0, "qa_ratio": 0.5}
+LM_UNDERSTAND: dict[str, Any] = {"understand_ratio": 1.0, "text_ratio": 0.0}
 ENCODER_FILE = "vit.safetensors"
 
 STAGES = [

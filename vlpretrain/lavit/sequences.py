@@ -134,6 +134,7 @@ def plan_batch(examples: list[dict[str, Any]], tokenize: Any, understand_ratio: 
             continue
         rng = random.Random(f"lavit-lm/{seed}/{ex['key']}/{i}")
         if ex["qa"] and rng.random() < qa_ratio:
+            # one question: rng.choice, whose draws the runs measured before qa_turns existed used
             asked = rng.sample(ex["qa"], min(qa_turns, len(ex["qa"]))) if qa_turns > 1 else [rng.choice(ex["qa"])]
             turns = [(tokenize(vqa_prompt(qa["question"])), tokenize(qa["answer"])) for qa in asked]
             plans.append(ImagePlan("understand", *turns[0], more_turns=turns[1:]))
