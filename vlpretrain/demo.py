@@ -38,7 +38,7 @@ class DemoSize:
     judge_steps: int | None = None  # None: the preset's
     encoder_steps: int | None = None
     tokenizer_steps: int = 1000  # with the ratio multiplier; 500 steps left the selector unsettled (docs/lavit.md)
-    detokenizer_steps: int = 400
+    detokenizer_steps: int = 600  # judge agreement 0.60 / 0.70 / 0.78-0.80 after 400 / 1000 / 1200 (docs/lavit.md)
     lm_understand_steps: int = 1200  # stage 1 of the LM: [image, text] samples only (docs/lm.md, "Curriculum")
     lm_steps: int = 300
     eval_images: int = 200  # test images of the detokenizer and LM evaluations

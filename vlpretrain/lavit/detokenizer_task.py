@@ -84,8 +84,10 @@ def _sd_vae(sample_size: int, scaling_factor: float) -> dict[str, Any]:
 
 @register_preset(TASK, "tiny")
 def detokenizer_tiny() -> DetokenizerConfig:
+    """The demo's decoder. No guidance by default (``guidance_scale`` 1): on tokens that carry the objects' colours
+    guidance 3 cost judge agreement (0.60 -> 0.52 after 400 steps, 0.80 -> 0.30 after 1200; docs/detokenizer.md)."""
     return DetokenizerConfig(token_positions=True, spatial_channels=TINY_SPATIAL, space_to_depth=2,
-                             unet=_tiny_unet(64), scheduler=dict(_TINY_SCHEDULER))  # fmt: skip
+                             unet=_tiny_unet(64), scheduler=dict(_TINY_SCHEDULER), guidance_scale=1.0)  # fmt: skip
 
 
 @register_preset(TASK, "tiny-highres")
