@@ -1,6 +1,6 @@
 """Training stage ``lavit-tokenizer``: the dynamic tokenizer against its frozen encoder's patch features.
 
-Presets: ``tiny`` (the demo: 64-px shapes world, the project's own small ViT, K = 1024), ``base`` (a 224-px ViT of
+Presets: ``tiny`` (the demo: 64-px shapes world, the project's own small ViT, K = 4096), ``base`` (a 224-px ViT of
 width 384, merger depth 4, K = 8192) and ``paper`` (the official dimensions: EVA-CLIP ViT-G/14, D = 1408, 12 merger
 and 12 decoder blocks, 16 heads, K = 16384 codes of 32 dims). The frozen encoder's weights come from
 ``model.encoder.path``; without it the encoder is random (tests only).
