@@ -14,10 +14,9 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from collections import Counter
 from typing import Any
 
-from vlpretrain.eval.lm_quality import attribute_match, objects_from_record
+from vlpretrain.eval.lm_quality import eval_text_to_image, judge_agreement
 from vlpretrain.lavit.generate import SamplingConfig
 
 
@@ -33,28 +32,20 @@ def parse_setting(spec: str) -> tuple[str, dict[str, Any]]:
     return name, kwargs
 
 
-def judge_agreement(judge: Any, images_B3SS: Any, records: list[dict[str, Any]]) -> dict[str, float]:
-    """Fraction of drawings whose count / colours / shapes the judge reads as the caption states, and their mean."""
-    totals: Counter[str] = Counter()
-    for pred, record in zip(judge.read(images_B3SS), records, strict=True):
-        totals.update({k: int(v) for k, v in attribute_match(pred, objects_from_record(record)).items()})
-    out = {k: round(totals[k] / len(records), 3) for k in ("count", "colors", "shapes")}
-    return out | {"mean": round(sum(out.values()) / 3, 3)}
-
-
 def run_setting(pipe: Any, judge: Any, images: list[Any], records: list[dict[str, Any]], name: str,
                 kwargs: dict[str, Any], seed: int) -> dict[str, Any]:  # fmt: skip
     """Judge agreement and mean visual tokens of one setting (``oracle``: the images' own codes)."""
     start = time.perf_counter()
     if name == "oracle":
         codes = pipe.images.encode(images)
-        drawn = pipe.detokenizer.decode(codes, seed=seed, batch_size=16)
+        scores = judge_agreement(judge, pipe.detokenizer.decode(codes, seed=seed, batch_size=16), records)
+        scores |= {"mean": sum(scores.values()) / 3, "tokens": sum(len(c) for c in codes) / len(codes)}
     else:
-        result = pipe.generate([r["caption"] for r in records], sampling=SamplingConfig(**kwargs), seed=seed)
-        codes, drawn = result.codes, result.images
-    tokens = sum(len(c) for c in codes) / len(codes)
-    return {"setting": name, **kwargs, **judge_agreement(judge, drawn, records), "tokens": round(tokens, 2),
-            "seconds": round(time.perf_counter() - start, 1)}  # fmt: skip
+        metrics, _ = eval_text_to_image(pipe, records, judge, seed, sampling=SamplingConfig(**kwargs))
+        scores = {k.removeprefix("t2i_"): v for k, v in metrics.items()}
+        scores["mean"], scores["tokens"] = scores.pop("prompt_match"), scores.pop("tokens_mean")
+    rounded = {k: round(v, 3) for k, v in scores.items()}
+    return {"setting": name, **kwargs, **rounded, "seconds": round(time.perf_counter() - start, 1)}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -237,7 +237,7 @@ def test_vqa_and_text_to_image_scores() -> None:
             assert len(questions) == len(truth)
             return [answer.upper() + "." for answer in truth]
 
-        def generate(self, texts, seed=0, batch_size=16):
+        def generate(self, texts, sampling=None, seed=0, batch_size=16):
             return SimpleNamespace(codes=[torch.arange(5)] * len(texts), images=torch.zeros(len(texts), 3, 8, 8))
 
     metrics, rows = eval_vqa(Fake(), images, records)

@@ -128,20 +128,26 @@ def eval_vqa(pipe: Any, images: Sequence[np.ndarray], records: Sequence[dict[str
     return metrics | {f"vqa_{k}": right[k] / seen[k] for k in sorted(seen)}, rows
 
 
-def eval_text_to_image(pipe: Any, records: Sequence[dict[str, Any]], judge: Any, seed: int = 0,
-                       batch_size: int = 16) -> tuple[dict[str, float], Any]:  # fmt: skip
-    """(judge agreement of images drawn from the records' captions, the images [B, 3, S, S])."""
-    result = pipe.generate([r["caption"] for r in records], seed=seed, batch_size=batch_size)
-    if result.images is None:
-        raise ValueError("text-to-image evaluation needs a detokenizer (pass one to the pipeline)")
-    read = judge.read(result.images)
+def judge_agreement(judge: Any, images_B3SS: Any, records: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """Fraction of the images [B, 3, S, S] whose object count / colours / shapes the judge reads as their records
+    state (keys ``count``, ``colors``, ``shapes``; see :func:`attribute_match`)."""
     totals: Counter[str] = Counter()
-    for pred, record in zip(read, records, strict=True):
+    for pred, record in zip(judge.read(images_B3SS), records, strict=True):
         totals.update({k: int(v) for k, v in attribute_match(pred, objects_from_record(record)).items()})
     n = max(len(records), 1)
-    metrics = {f"t2i_{k}": totals[k] / n for k in ("count", "colors", "shapes")}
+    return {k: totals[k] / n for k in ("count", "colors", "shapes")}
+
+
+def eval_text_to_image(pipe: Any, records: Sequence[dict[str, Any]], judge: Any, seed: int = 0,
+                       batch_size: int = 16, sampling: Any = None) -> tuple[dict[str, float], Any]:  # fmt: skip
+    """(judge agreement of images drawn from the records' captions, the images [B, 3, S, S]); ``sampling``: a
+    :class:`~vlpretrain.lavit.generate.SamplingConfig` (None: the pipeline's default)."""
+    result = pipe.generate([r["caption"] for r in records], sampling=sampling, seed=seed, batch_size=batch_size)
+    if result.images is None:
+        raise ValueError("text-to-image evaluation needs a detokenizer (pass one to the pipeline)")
+    metrics = {f"t2i_{k}": v for k, v in judge_agreement(judge, result.images, records).items()}
     metrics["t2i_prompt_match"] = sum(metrics.values()) / 3
-    metrics["t2i_tokens_mean"] = sum(len(c) for c in result.codes) / n
+    metrics["t2i_tokens_mean"] = sum(len(c) for c in result.codes) / max(len(records), 1)
     return metrics, result.images
 
 
@@ -202,6 +208,7 @@ __all__ = [
     "eval_captions",
     "eval_text_to_image",
     "eval_vqa",
+    "judge_agreement",
     "normalize_answer",
     "parse_caption",
     "run",
