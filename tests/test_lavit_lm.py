@@ -23,7 +23,7 @@ from vlpretrain.data.shards import DataStream
 from vlpretrain.errors import UserError
 from vlpretrain.lavit.generate import visual_length_limits
 from vlpretrain.lavit.lm_task import LavitLMTask
-from vlpretrain.lavit.model import LavitLMConfig, build_language_model
+from vlpretrain.lavit.model import LavitLMConfig, build_language_model, init_code_rows_from_codebook
 from vlpretrain.lavit.packing import IGNORE, first_fit_decreasing, pack_samples, padding_waste
 from vlpretrain.lavit.sequences import (
     VISUAL_SLOT,
@@ -126,6 +126,57 @@ def test_a_text_llama_folder_is_extended_like_word_embeddings(tmp_path: Path) ->
         assert abs(float(table[500:].detach().mean())) < 0.002
     with pytest.raises(UserError, match="embedding rows"):
         build_language_model(dataclasses.replace(micro_llm(), path=str(tmp_path / "llama")), VisualVocab(400, 8))
+
+
+def test_codebook_code_rows_are_projections_of_the_centred_codebook() -> None:
+    normal, codebook = micro_task(seed=3), micro_task(seed=3, code_rows_init="codebook")
+    vocab, offset = codebook.vocab, codebook.vocab.code_offset
+    assert normal.state_dict().keys() == codebook.state_dict().keys()  # checkpoints unchanged
+    for key, value in normal.state_dict().items():
+        assert value.shape == codebook.state_dict()[key].shape, key
+    cb_KC = codebook.tokenizer.quantize.codebook
+    unit_KC = F.normalize(cb_KC - cb_KC.mean(dim=0), dim=1)
+    for table in ("model.embed_tokens.weight", "lm_head.weight"):
+        rows_KH = codebook.lm.state_dict()[table][offset:]
+        assert rows_KH.shape == (vocab.codebook_size, 32)
+        assert torch.equal(codebook.lm.state_dict()[table][:offset], normal.lm.state_dict()[table][:offset])
+        proj_CH = torch.linalg.lstsq(unit_KC, rows_KH).solution  # rows = unit codes @ one [C, H] matrix, exactly
+        assert torch.allclose(unit_KC @ proj_CH, rows_KH, atol=1e-5)
+        assert not torch.allclose(normal.lm.state_dict()[table][offset:], rows_KH)
+        assert 0.5 * 0.02 < float(rows_KH.std()) < 2 * 0.02  # the word embeddings' scale
+
+
+def test_codebook_code_rows_keep_the_codes_similarities_at_width_256() -> None:
+    torch.manual_seed(0)
+    vocab = VisualVocab(10, 256)
+    lm = build_language_model(LlamaSpec(hidden_size=256, intermediate_size=64, num_layers=1, num_heads=4,
+                                        num_kv_heads=4, max_positions=16), vocab)  # fmt: skip
+    cb_KC = F.normalize(torch.randn(256, 32) + 0.5, dim=1)  # a shared direction, as trained codebooks have
+    init_code_rows_from_codebook(lm, vocab, cb_KC)
+    unit_KC = F.normalize(cb_KC - cb_KC.mean(dim=0), dim=1)
+    code_sim = (unit_KC @ unit_KC.T).flatten()
+    for table in (lm.get_input_embeddings().weight, lm.get_output_embeddings().weight):
+        rows_KH = F.normalize(table[vocab.code_offset :].detach(), dim=1)
+        row_sim = (rows_KH @ rows_KH.T).flatten()
+        assert float(torch.corrcoef(torch.stack([code_sim, row_sim]))[0, 1]) > 0.9
+    random_sim = F.normalize(torch.randn(256, 256), dim=1)
+    assert float(torch.corrcoef(torch.stack([code_sim, (random_sim @ random_sim.T).flatten()]))[0, 1]) < 0.9
+    with pytest.raises(ValueError, match="codebook has 8 codes"):
+        init_code_rows_from_codebook(lm, vocab, cb_KC[:8])
+    with pytest.raises(ConfigError, match="code_rows_init"):
+        micro_config(code_rows_init="kmeans")
+
+
+def test_a_folder_with_visual_rows_keeps_them_under_codebook_init(tmp_path: Path) -> None:
+    vocab = VisualVocab(500, 8)
+    config = LlamaConfig(vocab_size=vocab.size, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False)  # fmt: skip
+    source = LlamaForCausalLM(config)
+    source.save_pretrained(tmp_path / "llama")
+    spec = dataclasses.replace(micro_llm(), path=str(tmp_path / "llama"))
+    lm = build_language_model(spec, vocab, F.normalize(torch.randn(8, 32), dim=1))
+    assert torch.equal(lm.get_input_embeddings().weight, source.get_input_embeddings().weight)
+    assert torch.equal(lm.get_output_embeddings().weight, source.get_output_embeddings().weight)
 
 
 def test_training_from_a_folder_records_its_sizes(tmp_path: Path) -> None:

@@ -5,7 +5,9 @@ Architecture choices (docs/lm.md):
 - the LM is HF ``LlamaForCausalLM`` (a local LLaMA folder, or built from ``LlamaSpec`` sizes) with untied input and
   output embeddings, extended from T text ids to T + 2 + K rows (:class:`~vlpretrain.lavit.vocab.VisualVocab`:
   ``[IMG]`` = T, ``[/IMG]`` = T + 1, code c = T + 2 + c; 48386 rows for LLaMA's 32000 and K = 16384); the new rows
-  are drawn like word embeddings, N(0, ``initializer_range``), not from the codebook;
+  are drawn like word embeddings, N(0, ``initializer_range``), as the official's (``code_rows_init="normal"``), or,
+  ours, from the codebook (``"codebook"``: code rows that start with the codebook's similarity structure, see
+  :func:`init_code_rows_from_codebook`; docs/lm.md "Code rows from the codebook");
 - the frozen LaVIT tokenizer is held outside the module tree (not trained, not saved; its folder and a digest of its
   weights are recorded): it gives the encoder features and keep masks of understanding images and the code ids of
   generation images;
@@ -70,6 +72,10 @@ class LavitLMConfig:
         whiten_visual: 0 = off (official); s > 0 = damped whitening of the merged tokens before ``vit_proj``, fitted
             on the first training batch (:class:`vlpretrain.core.whiten.Whitening` with shrink s): lifts the
             low-variance directions (colour) that the LM otherwise learns last (docs/lm.md, "Curriculum").
+        code_rows_init: how the K code rows of the input and output embeddings start when they are new (built from
+            sizes, or a text-only LLaMA folder extended): "normal" = N(0, initializer_range) as word embeddings (the
+            official); "codebook" = a fixed random projection of the codebook (ours: similar codes start with
+            similar rows; docs/lm.md). A folder that already has the visual rows keeps its own.
         init: a ``lavit-lm`` run or checkpoint folder whose weights start training (the next stage of a curriculum,
             e.g. the demo's understanding-only stage before the mixed one); same sizes and tokenizer required.
             Only training reads it: loading a trained LM takes the weights of its own folder.
@@ -89,6 +95,7 @@ class LavitLMConfig:
     detokenizer: str = ""
     visual_keep: Literal["", "deterministic", "sample", "all"] = ""
     whiten_visual: float = 0.0
+    code_rows_init: Literal["normal", "codebook"] = "normal"
     init: str = ""
 
     def __post_init__(self) -> None:
@@ -103,6 +110,8 @@ class LavitLMConfig:
             raise ConfigError(f"text_ratio: {self.text_ratio} must be >= 0")
         if self.qa_turns < 1:
             raise ConfigError(f"qa_turns: {self.qa_turns} must be >= 1")
+        if self.code_rows_init not in ("normal", "codebook"):
+            raise ConfigError(f"code_rows_init: {self.code_rows_init!r} must be 'normal' or 'codebook'")
         if self.whiten_visual < 0:
             raise ConfigError(f"whiten_visual: {self.whiten_visual} must be >= 0 (0 = off)")
 
@@ -150,14 +159,18 @@ def spec_from_hf_config(config: LlamaConfig, path: str = "", where: str = "llm.p
                      rms_norm_eps=config.rms_norm_eps)  # fmt: skip
 
 
-def build_language_model(spec: LlamaSpec, vocab: VisualVocab) -> LlamaForCausalLM:
+def build_language_model(spec: LlamaSpec, vocab: VisualVocab, codebook_KC: Tensor | None = None) -> LlamaForCausalLM:
     """The LLaMA with ``vocab.size`` untied embedding rows.
 
     A folder whose vocabulary is T (text only) is extended; one of T + 2 + K rows (e.g. the official
-    ``language_model/``, 48386) is used as it is; any other size is refused.
+    ``language_model/``, 48386) is used as it is; any other size is refused. With ``codebook_KC`` [K, C], new code
+    rows start from it (:func:`init_code_rows_from_codebook`); a folder's own code rows are kept.
     """
     if not spec.path:
-        return build_llama(spec, vocab.size)
+        lm = build_llama(spec, vocab.size)
+        if codebook_KC is not None:
+            init_code_rows_from_codebook(lm, vocab, codebook_KC)
+        return lm
     folder_config = LlamaConfig.from_pretrained(spec.path, local_files_only=True)
     spec_from_hf_config(folder_config, spec.path)
     rows = folder_config.vocab_size
@@ -168,6 +181,8 @@ def build_language_model(spec: LlamaSpec, vocab: VisualVocab) -> LlamaForCausalL
     untie_embeddings(lm)
     if rows == vocab.text_size:
         extend_vocabulary(lm, vocab.size)
+        if codebook_KC is not None:
+            init_code_rows_from_codebook(lm, vocab, codebook_KC)
     return lm
 
 
@@ -186,6 +201,29 @@ def extend_vocabulary(lm: LlamaForCausalLM, size: int) -> None:
     std = lm.config.initializer_range
     lm.get_input_embeddings().weight[old:].normal_(0.0, std)
     lm.get_output_embeddings().weight[old:].normal_(0.0, std)
+
+
+@torch.no_grad()
+def init_code_rows_from_codebook(lm: LlamaForCausalLM, vocab: VisualVocab, codebook_KC: Tensor) -> None:
+    """Overwrite the K code rows of the input and output embeddings with projections of the codebook (ours).
+
+    Each code vector is centred (the codebook's mean removed) and scaled to unit norm, then multiplied by a random
+    [C, H] matrix of N(0, initializer_range) entries, one matrix per embedding (drawn from the global generator, so
+    the training seed fixes it): every row then has the word embeddings' scale, and the rows' inner products follow
+    the codes' cosine similarities (up to the projection's noise, about 1/sqrt(H)), so a code the LM has learned to
+    predict or read lends a start to its neighbours. Centring removes the direction all codes share.
+
+    Args:
+        codebook_KC: the tokenizer's codebook [K, C] (K = ``vocab.codebook_size``).
+    """
+    if codebook_KC.shape[0] != vocab.codebook_size:
+        raise ValueError(f"codebook has {codebook_KC.shape[0]} codes, the vocabulary {vocab.codebook_size}")
+    centred_KC = codebook_KC.float() - codebook_KC.float().mean(dim=0)
+    unit_KC = centred_KC / centred_KC.norm(dim=1, keepdim=True).clamp_min(1e-6)
+    std = lm.config.initializer_range
+    for table in (lm.get_input_embeddings().weight, lm.get_output_embeddings().weight):
+        proj_CH = torch.randn(unit_KC.shape[1], table.shape[1]) * std
+        table[vocab.code_offset :] = (unit_KC @ proj_CH).to(table)
 
 
 class VisualInput(nn.Module):
@@ -243,7 +281,9 @@ class LavitLM(nn.Module):
             tokenizer.cfg.eval_keep = cfg.visual_keep
         self._frozen = (tokenizer,)  # a tuple keeps it out of the module tree: not trained, saved or wrapped
         self.vocab = VisualVocab(len(self.text_tokenizer), tokenizer.cfg.codebook_size)
-        self.lm = build_language_model(cfg.llm, self.vocab)
+        codebook = tokenizer.quantize.codebook
+        wants_codebook = cfg.code_rows_init == "codebook" and not codebook.is_meta
+        self.lm = build_language_model(cfg.llm, self.vocab, codebook if wants_codebook else None)
         if cfg.llm.path:  # record the folder's sizes: checkpoints rebuild the LLaMA from them
             cfg.llm = spec_from_hf_config(self.lm.config, cfg.llm.path)
             check_context_length(cfg)
