@@ -39,8 +39,8 @@ class DemoSize:
     encoder_steps: int | None = None
     tokenizer_steps: int = 1000  # with the ratio multiplier; 500 steps left the selector unsettled (docs/lavit.md)
     detokenizer_steps: int = 600  # judge agreement 0.60 / 0.70 / 0.78-0.80 after 400 / 1000 / 1200 (docs/lavit.md)
-    lm_understand_steps: int = 1200  # stage 1 of the LM: [image, text] samples only (docs/lm.md, "Curriculum")
-    lm_steps: int = 300
+    lm_understand_steps: int = 300  # stage 1 of the LM: [image, text] samples only (docs/lm.md, "Curriculum")
+    lm_steps: int = 1400  # stage 2: 3/4 of the pairs [text, image] (docs/lm.md, "A generation-heavy stage 2")
     eval_images: int = 200  # test images of the detokenizer and LM evaluations
     t2i_prompts: int = 64
 
@@ -151,7 +151,7 @@ def _lm_understand_stage(run_dir: Path, folder: Path, size: DemoSize) -> dict[st
 def _lm_stage(run_dir: Path, folder: Path, size: DemoSize) -> dict[str, Any]:
     from vlpretrain.eval.lm_quality import run as lm_eval
 
-    _train_stage(folder, _lm_config(run_dir, folder, size.lm_steps, init=str(run_dir / "lm_understand")))
+    _train_stage(folder, _lm_config(run_dir, folder, size.lm_steps, init=str(run_dir / "lm_understand"), **LM_GENERATE))
     return lm_eval(folder, run_dir / "data" / "test", run_dir / "judge", detokenizer=run_dir / "detokenizer",
                    limit=size.eval_images, t2i_limit=size.t2i_prompts, out=folder / "eval")  # fmt: skip
 
@@ -201,10 +201,13 @@ LM_RECIPE: dict[str, Any] = {
 }
 # The LM curriculum (docs/lm.md, "Curriculum"): stage 1 trains understanding only ([image, text] pairs, half of
 # them VQA with five questions each: the tiny preset's qa_ratio and qa_turns, docs/lm.md "Several questions per
-# image"; no text-only documents), stage 2 starts from it with the paper's mixture (both image orders, text 2:1).
-# vit_proj stays at its random init in both (docs/lm.md, "Where the colour goes").
+# image"; no text-only documents), stage 2 starts from it with both image orders and text-only documents, weighted
+# towards generation: 3/4 of the pairs [text, image] and one text-only document per four pairs (the paper's mixture
+# is 1/2 and 2:1; docs/lm.md "A generation-heavy stage 2"). vit_proj stays at its random init in both (docs/lm.md,
+# "Where the colour goes"); the code rows start from the codebook (the tiny preset's code_rows_init).
 LM_MODEL: dict[str, Any] = {"train_vit_proj": False}
 LM_UNDERSTAND: dict[str, Any] = {"understand_ratio": 1.0, "text_ratio": 0.0}
+LM_GENERATE: dict[str, Any] = {"understand_ratio": 0.25, "text_ratio": 0.25}
 ENCODER_FILE = "vit.safetensors"
 
 STAGES = [
