@@ -39,8 +39,8 @@ class DemoSize:
     encoder_steps: int | None = None
     tokenizer_steps: int = 1000  # with the ratio multiplier; 500 steps left the selector unsettled (docs/lavit.md)
     detokenizer_steps: int = 600  # judge agreement 0.60 / 0.70 / 0.78-0.80 after 400 / 1000 / 1200 (docs/lavit.md)
-    lm_understand_steps: int = 300  # stage 1 of the LM: [image, text] samples only (docs/lm.md, "Curriculum")
-    lm_steps: int = 1400  # stage 2: 3/4 of the pairs [text, image] (docs/lm.md, "A generation-heavy stage 2")
+    lm_understand_steps: int = 450  # stage 1 of the LM: [image, text] samples only (docs/lm.md, "Curriculum")
+    lm_steps: int = 1300  # stage 2: 3/4 of the pairs [text, image] (docs/lm.md, "A generation-heavy stage 2")
     eval_images: int = 200  # test images of the detokenizer and LM evaluations
     t2i_prompts: int = 64
 
