@@ -7,7 +7,7 @@ Architecture choices (docs/lm.md):
   ``[IMG]`` = T, ``[/IMG]`` = T + 1, code c = T + 2 + c; 48386 rows for LLaMA's 32000 and K = 16384); the new rows
   are drawn like word embeddings, N(0, ``initializer_range``), as the official's (``code_rows_init="normal"``), or,
   ours, from the codebook (``"codebook"``: code rows that start with the codebook's similarity structure, see
-  :func:`init_code_rows_from_codebook`; docs/lm.md "Code rows from the codebook");
+  :func:`init_code_rows_from_codebook`; docs/lm.md "A generation-heavy stage 2 and code rows from the codebook");
 - the frozen LaVIT tokenizer is held outside the module tree (not trained, not saved; its folder and a digest of its
   weights are recorded): it gives the encoder features and keep masks of understanding images and the code ids of
   generation images;
@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -167,22 +168,21 @@ def build_language_model(spec: LlamaSpec, vocab: VisualVocab, codebook_KC: Tenso
     rows start from it (:func:`init_code_rows_from_codebook`); a folder's own code rows are kept.
     """
     if not spec.path:
-        lm = build_llama(spec, vocab.size)
-        if codebook_KC is not None:
-            init_code_rows_from_codebook(lm, vocab, codebook_KC)
-        return lm
-    folder_config = LlamaConfig.from_pretrained(spec.path, local_files_only=True)
-    spec_from_hf_config(folder_config, spec.path)
-    rows = folder_config.vocab_size
-    if rows not in (vocab.text_size, vocab.size):
-        raise UserError(f"llm.path: {spec.path} has {rows} embedding rows; expected the text vocabulary "
-                        f"({vocab.text_size}) or text + 2 + codes ({vocab.size})")  # fmt: skip
-    lm = build_llama(spec, rows)
-    untie_embeddings(lm)
-    if rows == vocab.text_size:
-        extend_vocabulary(lm, vocab.size)
-        if codebook_KC is not None:
-            init_code_rows_from_codebook(lm, vocab, codebook_KC)
+        lm, new_code_rows = build_llama(spec, vocab.size), True
+    else:
+        folder_config = LlamaConfig.from_pretrained(spec.path, local_files_only=True)
+        spec_from_hf_config(folder_config, spec.path)
+        rows = folder_config.vocab_size
+        if rows not in (vocab.text_size, vocab.size):
+            raise UserError(f"llm.path: {spec.path} has {rows} embedding rows; expected the text vocabulary "
+                            f"({vocab.text_size}) or text + 2 + codes ({vocab.size})")  # fmt: skip
+        lm = build_llama(spec, rows)
+        untie_embeddings(lm)
+        new_code_rows = rows == vocab.text_size
+        if new_code_rows:
+            extend_vocabulary(lm, vocab.size)
+    if new_code_rows and codebook_KC is not None:
+        init_code_rows_from_codebook(lm, vocab, codebook_KC)
     return lm
 
 
@@ -219,7 +219,7 @@ def init_code_rows_from_codebook(lm: LlamaForCausalLM, vocab: VisualVocab, codeb
     if codebook_KC.shape[0] != vocab.codebook_size:
         raise ValueError(f"codebook has {codebook_KC.shape[0]} codes, the vocabulary {vocab.codebook_size}")
     centred_KC = codebook_KC.float() - codebook_KC.float().mean(dim=0)
-    unit_KC = centred_KC / centred_KC.norm(dim=1, keepdim=True).clamp_min(1e-6)
+    unit_KC = F.normalize(centred_KC, dim=1, eps=1e-6)
     std = lm.config.initializer_range
     for table in (lm.get_input_embeddings().weight, lm.get_output_embeddings().weight):
         proj_CH = torch.randn(unit_KC.shape[1], table.shape[1]) * std
