@@ -150,6 +150,28 @@ def test_image_tokens_enter_the_lm_in_reading_order() -> None:
         task.interleave(ids, tokens[:1])
 
 
+def test_alibi_block_matches_naive_attention_with_distance_penalties() -> None:
+    from vlpretrain.lcl.text import CausalBlock, alibi_bias
+
+    bias = alibi_bias(2, 3)  # slopes 2^-4, 2^-8
+    assert bias[0, 2, 0] == -2 / 16 and bias[1, 1, 0] == -1 / 256 and bias[0, 0, 1] == float("-inf")
+    cfg = tiny_cfg(text={"width": 32, "layers": 1, "heads": 2, "context_length": 96, "alibi": True})
+    torch.manual_seed(0)
+    block, x = CausalBlock(cfg.text), torch.randn(2, 7, 32)
+    q, k, v = block.attn.project(block.norm1(x))  # [B, H, L, 16]
+    scores = q @ k.transpose(-1, -2) / math.sqrt(16) + alibi_bias(2, 7)
+    naive = x + block.attn.proj((scores.softmax(-1) @ v).transpose(1, 2).reshape(2, 7, 32))
+    naive = naive + block.mlp(block.norm2(naive))
+    assert torch.allclose(block(x, alibi_bias(2, 7)), naive, atol=1e-5)
+    assert not torch.allclose(block(x, alibi_bias(2, 7)), block(x), atol=1e-3)  # the penalties change attention
+    task = tiny_task(text={"width": 32, "layers": 1, "heads": 2, "context_length": 96, "alibi": True})
+    embeds = torch.randn(1, 9, 32)
+    later = embeds.clone()
+    later[0, 5:] += 1.0
+    assert torch.allclose(task.text(embeds)[0, :5], task.text(later)[0, :5], atol=1e-6)  # still causal
+    assert not tiny_cfg().text.alibi  # the official model has none
+
+
 # ------------------------------------------------------------------------------------------ tied projections
 
 

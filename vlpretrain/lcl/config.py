@@ -36,6 +36,8 @@ class CausalLMSpec:
         mlp_ratio: MLP hidden size = ``int(width * mlp_ratio)``.
         context_length: number of learned positions (the longest sequence).
         ln_eps: LayerNorm epsilon.
+        alibi: add ALiBi's linear distance penalties to the attention scores (head h's slope 2^(-8 (h+1) / heads)),
+            on top of the learned positions: a prior towards recent tokens. Off in the official model.
     """
 
     width: int = 128
@@ -44,6 +46,7 @@ class CausalLMSpec:
     mlp_ratio: float = 4.0
     context_length: int = 512
     ln_eps: float = 1e-5
+    alibi: bool = False
 
     def __post_init__(self) -> None:
         check_at_least(self, 1, ("width", "layers", "heads", "context_length"), prefix="text.")

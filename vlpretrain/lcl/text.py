@@ -30,10 +30,26 @@ class CausalBlock(nn.Module):
         self.norm2 = LayerNorm(spec.width, eps=spec.ln_eps)
         self.mlp = Mlp(spec.width, int(spec.width * spec.mlp_ratio))
 
-    def forward(self, x_BLW: Tensor) -> Tensor:
+    def forward(self, x_BLW: Tensor, bias_HLL: Tensor | None = None) -> Tensor:
+        """[B, L, W] -> [B, L, W]; ``bias_HLL``: additive attention scores with the causal mask in them (None =
+        plain causal)."""
         q, k, v = self.attn.project(self.norm1(x_BLW))  # each [B, H, L, W/H]
-        x_BLW = x_BLW + self.attn.proj(merge_heads(F.scaled_dot_product_attention(q, k, v, is_causal=True)))
+        if bias_HLL is None:
+            attended = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            attended = F.scaled_dot_product_attention(q, k, v, attn_mask=bias_HLL.to(q.dtype))
+        x_BLW = x_BLW + self.attn.proj(merge_heads(attended))
         return x_BLW + self.mlp(self.norm2(x_BLW))
+
+
+def alibi_bias(heads: int, length: int) -> Tensor:
+    """ALiBi scores [H, L, L]: -slope_h * (i - j) for keys j <= i, -inf above the diagonal (the causal mask);
+    slope_h = 2^(-8 (h + 1) / H)."""
+    slopes_H = 2.0 ** (-8.0 * torch.arange(1, heads + 1) / heads)
+    pos_L = torch.arange(length)
+    distance_LL = (pos_L[:, None] - pos_L[None, :]).float()
+    bias_HLL = -slopes_H[:, None, None] * distance_LL
+    return bias_HLL.masked_fill(distance_LL < 0, float("-inf"))
 
 
 class CausalTransformer(nn.Module):
@@ -84,8 +100,9 @@ class CausalTransformer(nn.Module):
         if length > self.spec.context_length:
             raise ValueError(f"CausalTransformer: {length} tokens exceed context_length {self.spec.context_length}")
         x_BLW = embeds_BLW + self.pos_embed[:length].to(embeds_BLW.dtype)
+        bias_HLL = alibi_bias(self.spec.heads, length).to(x_BLW.device) if self.spec.alibi else None
         for block in self.blocks:
-            x_BLW = block(x_BLW)
+            x_BLW = block(x_BLW, bias_HLL)
         return x_BLW
 
     def project(self, hidden_XW: Tensor) -> Tensor:
@@ -106,4 +123,4 @@ class LMHead(nn.Module):
         return self.out(self.norm(hidden_XW))
 
 
-__all__ = ["CausalBlock", "CausalTransformer", "LMHead"]
+__all__ = ["CausalBlock", "CausalTransformer", "LMHead", "alibi_bias"]
