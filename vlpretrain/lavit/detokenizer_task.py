@@ -99,7 +99,8 @@ def detokenizer_tiny_fold4() -> DetokenizerConfig:
     ``tiny``'s: judge agreement 0.62 / 0.72 / 0.75 after 600 / 1200 / 1600 steps, against ``tiny``'s 0.61 / 0.78
     after 600 / 1200, so at equal training time it is ahead (docs/detokenizer.md, "Folding 4 x 4")."""
     return DetokenizerConfig(token_positions=True, spatial_channels=TINY_SPATIAL, space_to_depth=4,
-                             unet=_tiny_unet(64, fold=4), scheduler=dict(_TINY_SCHEDULER), guidance_scale=1.0)  # fmt: skip
+                             unet=_tiny_unet(64, fold=4), scheduler=dict(_TINY_SCHEDULER),
+                             guidance_scale=1.0)  # fmt: skip
 
 
 @register_preset(TASK, "tiny-highres")
