@@ -55,7 +55,9 @@ def worker(rank: int, port: int, queue) -> None:
             (loss_sum / count).backward()
             summed = loss_sum.detach().clone()
             dist.all_reduce(summed)
-            grads = [torch.zeros(0, DIM) if g is None else g.clone() for g in (image.grad, text.grad)]
+            # plain lists, not tensors: a tensor in a torch queue is shared through a file descriptor that dies with
+            # this process, so a parent that reads the queue after the worker exits (a busy machine) would fail
+            grads = [[] if g is None else g.tolist() for g in (image.grad, text.grad)]
             results.append((summed.item() / count, count, *grads))
         queue.put((rank, results))
     finally:
@@ -85,7 +87,8 @@ def test_gather_with_grad_equals_single_process_on_concatenated_batch() -> None:
         total = sum(split)
         loss, image_grad, text_grad = reference(total)
         for rank in range(WORLD):
-            global_loss, count, rank_image_grad, rank_text_grad = out[rank][i]
+            global_loss, count, *grads = out[rank][i]
+            rank_image_grad, rank_text_grad = (torch.tensor(g, dtype=torch.float32).reshape(-1, DIM) for g in grads)
             first = sum(split[:rank])
             assert count == total and global_loss == pytest.approx(loss, rel=1e-6)
             assert torch.allclose(rank_image_grad, image_grad[first : first + split[rank]], atol=1e-6)
