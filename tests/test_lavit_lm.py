@@ -227,6 +227,25 @@ def test_plan_mixes_both_orders_and_text_in_every_batch() -> None:
     assert again == plan_batch(examples, lambda s: [len(w) for w in s.split()], 0.5, 0.5, 2.0, seed=3)[0]
 
 
+def test_caption_drop_trains_the_unconditional_context_of_guidance() -> None:
+    examples = [{"caption": "a red circle", "qa": [], "key": f"k{i}"} for i in range(400)]
+    tokenize = lambda s: [len(w) for w in s.split()]  # noqa: E731
+    plans, _ = plan_batch(examples, tokenize, 0.25, 0.0, 0.0, seed=1, caption_drop=0.2)
+    gen = [p for p in plans if p.kind == "generate"]
+    dropped = sum(p.text == [] for p in gen)
+    assert 0.12 < dropped / len(gen) < 0.28  # 300 draws at p = 0.2
+    assert all(p.answer == [1, 3, 6] for p in plans if p.kind == "understand")  # understanding keeps its caption
+    assert plans == plan_batch(examples, tokenize, 0.25, 0.0, 0.0, seed=1, caption_drop=0.2)[0]  # deterministic
+    kept, _ = plan_batch(examples, tokenize, 0.25, 0.0, 0.0, seed=1)
+    assert all(p.text == [1, 3, 6] for p in kept if p.kind == "generate")  # default 0: the official, no drops
+    vocab = VisualVocab(100, 16)
+    sample = generation_sample(vocab, [], [5, 7])
+    assert sample.ids[0] == vocab.img_start  # exactly the sampler's unconditional context, then the codes
+    assert sample.targets == [False, True, True, True]
+    with pytest.raises(ConfigError, match="caption_drop"):
+        LavitLMConfig(caption_drop=1.5)
+
+
 def test_a_vqa_sample_asks_qa_turns_distinct_questions_of_its_image() -> None:
     qa = [{"question": f"q{j}?", "answer": f"a{j}"} for j in range(5)]
     examples = [{"caption": "Answer:", "qa": qa, "key": f"k{i}"} for i in range(6)]

@@ -65,7 +65,7 @@ class LMCollate:
     def __init__(self, text_tokenizer: Any, image_size: int, cfg: LavitLMConfig, seed: int) -> None:
         self.text_tokenizer, self.image_size, self.seed = text_tokenizer, image_size, seed
         self.ratios = (cfg.understand_ratio, cfg.qa_ratio, cfg.text_ratio)
-        self.qa_turns = cfg.qa_turns
+        self.qa_turns, self.caption_drop = cfg.qa_turns, cfg.caption_drop
 
     def decode(self, sample: dict[str, Any]) -> dict[str, Any]:
         pair = decode_pair(sample, self.image_size)
@@ -78,7 +78,8 @@ class LMCollate:
         return list(self.text_tokenizer(text, add_special_tokens=False).input_ids)
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
-        plans, docs = plan_batch(examples, self.tokenize, *self.ratios, seed=self.seed, qa_turns=self.qa_turns)
+        plans, docs = plan_batch(examples, self.tokenize, *self.ratios, seed=self.seed, qa_turns=self.qa_turns,
+                                 caption_drop=self.caption_drop)
         return {"image": torch.stack([ex["image"] for ex in examples]), "plans": plans, "docs": docs,
                 "key": [ex["key"] for ex in examples]}  # fmt: skip
 
@@ -134,30 +135,35 @@ class LavitLMTask(LavitLM):
 
     def logits(self, packed: dict[str, Any]) -> Tensor:
         """Logits [R, L, V] of packed rows (document-masked through the restarting position ids)."""
-        return self._logits_and_visual(packed)[0]
+        return self.lm.lm_head(self._hidden_and_visual(packed)[0])
 
-    def _logits_and_visual(self, packed: dict[str, Any]) -> tuple[Tensor, Tensor | None]:
+    def _hidden_and_visual(self, packed: dict[str, Any]) -> tuple[Tensor, Tensor | None]:
+        """(last hidden states [R, L, H] of the packed rows, LM-space visual tokens [B, K, H] or None)."""
         visual_BKH = self.visual(packed["x_BND"], packed["keep_BN"])[0] if len(packed["x_BND"]) else None
         embeds_RLH = self.embed(packed["input_ids"], visual_BKH, {k: packed[k] for k in _SLOT_KEYS})
         # use_cache=False matters: with a cache HF would not derive the document mask from the position ids.
-        logits = self.lm(inputs_embeds=embeds_RLH, position_ids=packed["position_ids"], use_cache=False).logits
-        return logits, visual_BKH
+        out = self.lm.model(inputs_embeds=embeds_RLH, position_ids=packed["position_ids"], use_cache=False)
+        return out.last_hidden_state, visual_BKH
 
     def forward(self, batch: dict[str, Any]) -> dict[str, Tensor]:
-        """Summed cross-entropy over the batch's targets, plus the mean per kind and the padding fraction."""
+        """Summed cross-entropy over the batch's targets, plus the mean per kind and the padding fraction.
+
+        The output layer runs on the target positions only (about a third of a packed row's tokens: prompts,
+        captions before an image and image slots have none), which saves its FLOPs and the [R, L, V] logits."""
         packed = self.prepare(batch)
-        logits_RLV, visual_BKH = self._logits_and_visual(packed)
-        targets = packed["labels"][:, 1:].flatten()
-        ce = F.cross_entropy(logits_RLV[:, :-1].float().flatten(0, 1), targets, ignore_index=IGNORE,
-                             reduction="none")  # fmt: skip
-        kinds = packed["kinds"][:, 1:].flatten()
-        out = {"loss": ce.sum()}
+        hidden_RLH, visual_BKH = self._hidden_and_visual(packed)
+        labels_RL = packed["labels"][:, 1:]
+        where_RL = labels_RL != IGNORE
+        logits_TV = self.lm.lm_head(hidden_RLH[:, :-1][where_RL])
+        ce_T = F.cross_entropy(logits_TV.float(), labels_RL[where_RL], reduction="none")
+        out = {"loss": ce_T.sum()}
         if visual_BKH is not None:  # keeps every visual parameter in the graph (DDP) when no slot used a token
             out["loss"] = out["loss"] + 0.0 * visual_BKH.float().sum()
+        kinds_T = packed["kinds"][:, 1:][where_RL]
         for kind in ("understand", "generate", "text"):
-            mask = (kinds == KIND_CODES[kind]) & (targets != IGNORE)
-            out[f"ce_{kind}"] = (ce * mask).sum().detach() / mask.sum().clamp(min=1)
-        out["pad_frac"] = torch.tensor(padding_waste(packed), device=ce.device)
+            mask_T = kinds_T == KIND_CODES[kind]
+            out[f"ce_{kind}"] = (ce_T * mask_T).sum().detach() / mask_T.sum().clamp(min=1)
+        out["pad_frac"] = torch.tensor(padding_waste(packed), device=ce_T.device)
         return out
 
     def num_targets(self, batch: dict[str, Any]) -> int:

@@ -62,6 +62,9 @@ class LavitLMConfig:
             each; 1 = one question per sample, the evaluation's format): the same image tokens then teach several
             answers (ours, for the demo's VQA; docs/lm.md, "Several questions per image").
         text_ratio: text-only documents per image-text pair (2.0 = the maintainers' 2:1).
+        caption_drop: probability that a ``[text, image]`` sample loses its text and becomes ``[IMG] codes [/IMG]``,
+            the unconditional context of classifier-free guidance (0 = the official, which never trains that
+            context; ours, as LlamaGen's caption dropout: docs/lm.md, "Training the unconditional context").
         train_merger: fine-tune the understanding merger (the official does); False keeps the tokenizer's.
         train_vit_proj: train ``vit_proj`` (the official does); False keeps its random init, a map that preserves the
             merged tokens' geometry: trained, it shrank the colour directions until the demo LM could not read
@@ -91,6 +94,7 @@ class LavitLMConfig:
     qa_ratio: float = 0.0
     qa_turns: int = 1
     text_ratio: float = 2.0
+    caption_drop: float = 0.0
     train_merger: bool = True
     train_vit_proj: bool = True
     detokenizer: str = ""
@@ -104,7 +108,7 @@ class LavitLMConfig:
             raise ConfigError(f"max_len: {self.max_len} must be >= 8")
         if not self.llm.path:  # with a folder, the folder's positions are checked when it is read
             check_context_length(self)
-        for name in ("understand_ratio", "qa_ratio"):
+        for name in ("understand_ratio", "qa_ratio", "caption_drop"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"{name}: {getattr(self, name)} must be in [0, 1]")
         if self.text_ratio < 0:

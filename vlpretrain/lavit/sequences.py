@@ -10,8 +10,10 @@
 Image-text sequences feed no ``<s>``, as the official inference prompts do. A batch of B image-text pairs is planned
 in the data loader (:func:`plan_batch`, no pixels touched): round(B x ``understand_ratio``) of them become
 understanding samples (a VQA sample with probability ``qa_ratio``) and the rest generation samples, plus
-round(B x ``text_ratio``) text-only documents. The visual lengths K are only known once the frozen tokenizer has run,
-so :func:`build_samples` turns a plan into :class:`Sample` lists on the model's side.
+round(B x ``text_ratio``) text-only documents; a generation sample loses its text with probability
+``caption_drop`` (then it is ``[IMG] c_1 .. c_K [/IMG]``, the unconditional context of classifier-free guidance).
+The visual lengths K are only known once the frozen tokenizer has run, so :func:`build_samples` turns a plan into
+:class:`Sample` lists on the model's side.
 """
 
 from __future__ import annotations
@@ -104,19 +106,22 @@ class ImagePlan:
 
 
 def plan_batch(examples: list[dict[str, Any]], tokenize: Any, understand_ratio: float, qa_ratio: float,
-               text_ratio: float, seed: int, qa_turns: int = 1) -> tuple[list[ImagePlan], list[list[int]]]:  # fmt: skip
+               text_ratio: float, seed: int, qa_turns: int = 1,
+               caption_drop: float = 0.0) -> tuple[list[ImagePlan], list[list[int]]]:  # fmt: skip
     """Decide the sequences of a batch of pairs (``{"caption", "qa": [{"question", "answer"}], "key"}``).
 
     The first round(B x ``understand_ratio``) pairs (the stream is shuffled, so these are random pairs) are
     understanding samples, at least one and at most B - 1 when 0 < ratio < 1 and B >= 2, so both orders are in every
     batch; each is a VQA sample with probability ``qa_ratio`` (when it has QA), drawn from a generator seeded by
     (seed, key, position) that asks min(``qa_turns``, questions of the pair) of its questions, in random order, one
-    after another. Text-only documents cycle through the pairs' captions, then their QA text.
+    after another. Each generation sample keeps its caption unless a draw from a generator seeded by (seed, key,
+    position) falls under ``caption_drop``. Text-only documents cycle through the pairs' captions, then their QA text.
 
     Args:
         examples: the decoded pairs.
         tokenize: ``str -> list[int]`` (no special tokens).
-        understand_ratio, qa_ratio, text_ratio, qa_turns: see :class:`vlpretrain.lavit.model.LavitLMConfig`.
+        understand_ratio, qa_ratio, text_ratio, qa_turns, caption_drop: see
+            :class:`vlpretrain.lavit.model.LavitLMConfig`.
         seed: the data seed.
 
     Returns:
@@ -129,10 +134,11 @@ def plan_batch(examples: list[dict[str, Any]], tokenize: Any, understand_ratio: 
     plans = []
     for i, ex in enumerate(examples):
         caption = tokenize(ex["caption"])
-        if i >= n_und:
-            plans.append(ImagePlan("generate", text=caption))
-            continue
         rng = random.Random(f"lavit-lm/{seed}/{ex['key']}/{i}")
+        if i >= n_und:
+            dropped = caption_drop > 0 and rng.random() < caption_drop
+            plans.append(ImagePlan("generate", text=[] if dropped else caption))
+            continue
         if ex["qa"] and rng.random() < qa_ratio:
             # one question: rng.choice, whose draws the runs measured before qa_turns existed used
             asked = rng.sample(ex["qa"], min(qa_turns, len(ex["qa"]))) if qa_turns > 1 else [rng.choice(ex["qa"])]
