@@ -78,9 +78,9 @@ class LMCollate:
         return list(self.text_tokenizer(text, add_special_tokens=False).input_ids)
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
-        plans, docs = plan_batch(
-            examples, self.tokenize, *self.ratios, seed=self.seed, qa_turns=self.qa_turns, caption_drop=self.caption_drop
-        )
+        drop = self.caption_drop
+        plans, docs = plan_batch(examples, self.tokenize, *self.ratios, seed=self.seed, qa_turns=self.qa_turns,
+                                 caption_drop=drop)  # fmt: skip
         return {"image": torch.stack([ex["image"] for ex in examples]), "plans": plans, "docs": docs,
                 "key": [ex["key"] for ex in examples]}  # fmt: skip
 
