@@ -6,6 +6,11 @@ a batch of shapes-world captions, with classifier-free guidance (scale 4) run as
 conditional and unconditional rows or as two, and with a KV cache or recomputing the whole sequence each step.
 Every image is forced to the same length (min = max visual tokens) so that all variants do the same work.
 
+Training step: forward + backward of one ``tiny``-preset batch in the demo's stage-2 mixture (32 pairs, 3/4 of
+them ``[text, image]``, 8 text-only documents; random images through the random tokenizer, packed once and reused),
+with the output layer on every position of the packed rows (``logits`` then the masked cross-entropy) or on the target
+positions only (the task's ``forward``), bf16 autocast.
+
 Packing: the share of padding in the training rows of ``tiny``-preset batches (32 pairs, the default 2:1 text-only
 mixture, half of the pairs in each order, half of the understanding pairs VQA), packed into rows of 256 tokens by
 first-fit decreasing, against one sample per row padded to the batch's longest. The visual lengths are drawn
@@ -17,13 +22,14 @@ from __future__ import annotations
 import random
 
 import torch
+import torch.nn.functional as F
 
 from benchmarks.common import Report, Table, time_calls
 from vlpretrain.configs import get_preset
 from vlpretrain.data.synthetic import SynthConfig, make_example
 from vlpretrain.lavit.generate import SamplingConfig, generate_codes, text_to_image_prompt
 from vlpretrain.lavit.lm_task import LavitLMTask
-from vlpretrain.lavit.packing import pack_samples, padding_waste
+from vlpretrain.lavit.packing import IGNORE, pack_samples, padding_waste
 from vlpretrain.lavit.sequences import build_samples, plan_batch
 
 NAME = "lm"
@@ -34,6 +40,34 @@ VARIANTS = ((False, False), (True, False), (False, True), (True, True))  # (batc
 def _decode(task: LavitLMTask, prompts: list[list[int]], cfg: SamplingConfig, batched: bool, cache: bool):
     def call() -> None:
         generate_codes(task, prompts, cfg, torch.Generator().manual_seed(0), batched_cfg=batched, use_cache=cache)
+
+    return call
+
+
+def _train_batch(task: LavitLMTask, batch_size: int) -> dict:
+    """A planned stage-2 batch (random images) whose packed rows :meth:`LavitLMTask.prepare` caches."""
+    examples = []
+    for i in range(batch_size):
+        ex = make_example(SynthConfig(), "train", i)
+        examples.append({"caption": ex.caption, "qa": ex.qa, "key": ex.scene.key})
+    plans, docs = plan_batch(examples, task.encode_text, 0.25, 0.5, 0.25, seed=0)
+    size = task.tokenizer.encoder.image_size
+    batch = {"image": torch.rand(batch_size, 3, size, size), "plans": plans, "docs": docs}
+    task.prepare(batch)
+    return batch
+
+
+def _train_step(task: LavitLMTask, batch: dict, full_rows: bool):
+    def call() -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            if full_rows:
+                packed = task.prepare(batch)
+                logits = task.logits(packed)[:, :-1].float().flatten(0, 1)
+                loss = F.cross_entropy(logits, packed["labels"][:, 1:].flatten(), ignore_index=IGNORE, reduction="sum")
+            else:
+                loss = task(batch)["loss"]
+        loss.backward()
+        task.zero_grad(set_to_none=True)
 
     return call
 
@@ -72,7 +106,7 @@ def run(quick: bool = False) -> Report:
     prompts = [text_to_image_prompt(task, c) for c in captions]
     cfg = SamplingConfig(guidance_scale=GUIDANCE, min_tokens=length, max_tokens=length)
     table = Table(f"tiny preset: {batch} prompts x {length} visual tokens, guidance {GUIDANCE}; training rows of "
-                  f"{task.cfg.max_len} (median of {repeats})", ["measurement", "value", "vs first row"])  # fmt: skip
+                  f"{task.cfg.max_len} (median of {repeats})", ["measurement", "value", "vs first row of its kind"])  # fmt: skip
     base = 0.0
     for batched, cache in VARIANTS:
         seconds = time_calls(_decode(task, prompts, cfg, batched, cache), warmup, repeats).median
@@ -80,6 +114,15 @@ def run(quick: bool = False) -> Report:
         base = base or rate
         label = f"text-to-image, {'batched' if batched else 'unbatched'} CFG, {'KV cache' if cache else 'no cache'}"
         table.add(label, f"{rate:,.0f} tok/s", f"{rate / base:.2f}x")
+    train = _train_batch(task.train(), 4 if quick else 32)
+    targets = task.num_targets(train)
+    full = 0.0
+    for full_rows in (True, False):
+        seconds = time_calls(_train_step(task, train, full_rows), warmup, repeats).median
+        rate = targets / seconds
+        full = full or rate
+        where = "every position" if full_rows else "target positions only"
+        table.add(f"training step, output layer on {where}", f"{rate:,.0f} targets/s", f"{rate / full:.2f}x")
     packed, plain = _waste(task, 2 if quick else 20, 8 if quick else 32)
     table.add("training padding, packed rows", f"{100 * packed:.1f}%", "")
     table.add("training padding, one sample per row", f"{100 * plain:.1f}%", "")
