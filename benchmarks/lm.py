@@ -106,7 +106,7 @@ def run(quick: bool = False) -> Report:
     prompts = [text_to_image_prompt(task, c) for c in captions]
     cfg = SamplingConfig(guidance_scale=GUIDANCE, min_tokens=length, max_tokens=length)
     table = Table(f"tiny preset: {batch} prompts x {length} visual tokens, guidance {GUIDANCE}; training rows of "
-                  f"{task.cfg.max_len} (median of {repeats})", ["measurement", "value", "vs first row of its kind"])  # fmt: skip
+                  f"{task.cfg.max_len} (median of {repeats})", ["measurement", "value", "relative"])  # fmt: skip
     base = 0.0
     for batched, cache in VARIANTS:
         seconds = time_calls(_decode(task, prompts, cfg, batched, cache), warmup, repeats).median
