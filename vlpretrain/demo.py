@@ -40,7 +40,7 @@ class DemoSize:
     tokenizer_steps: int = 1000  # with the ratio multiplier; 500 steps left the selector unsettled (docs/lavit.md)
     detokenizer_steps: int = 1600  # tiny-fold4: judge agreement 0.75 at about the cost of 600 steps of tiny (0.61)
     lm_understand_steps: int = 450  # stage 1 of the LM: [image, text] samples only (docs/lm.md, "Curriculum")
-    lm_steps: int = 1300  # stage 2: 3/4 of the pairs [text, image] (docs/lm.md, "A generation-heavy stage 2")
+    lm_steps: int = 1500  # stage 2: 3/4 of the pairs [text, image] (docs/lm.md, "A generation-heavy stage 2")
     eval_images: int = 200  # test images of the detokenizer and LM evaluations
     t2i_prompts: int = 64
 
