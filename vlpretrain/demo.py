@@ -41,6 +41,7 @@ class DemoSize:
     detokenizer_steps: int = 1600  # tiny-fold4: judge agreement 0.75 at about the cost of 600 steps of tiny (0.61)
     lm_understand_steps: int = 450  # stage 1 of the LM: [image, text] samples only (docs/lm.md, "Curriculum")
     lm_steps: int = 1500  # stage 2: 3/4 of the pairs [text, image] (docs/lm.md, "A generation-heavy stage 2")
+    codec_shards: int = 5  # the tokenizer and detokenizer train on the first 5 shards (5,000 pairs, as measured)
     eval_images: int = 200  # test images of the detokenizer and LM evaluations
     t2i_prompts: int = 64
 
@@ -100,6 +101,13 @@ def _encoder_stage(run_dir: Path, folder: Path, size: DemoSize) -> dict[str, Any
     return {k: v for k, v in metrics.items() if "acc" in k}
 
 
+def _codec_train(run_dir: Path, size: DemoSize) -> str:
+    """The training shards of the tokenizer and detokenizer stages: the first ``size.codec_shards`` of the data's
+    train split (the LM reads them all; docs/lm.md, "More images and cheaper steps")."""
+    shards = sorted((run_dir / "data" / "train").glob("*.tar"))[: size.codec_shards]
+    return "::".join(str(s) for s in shards)
+
+
 def _tokenizer_stage(run_dir: Path, folder: Path, size: DemoSize) -> dict[str, Any]:
     from vlpretrain.configs import from_dict
     from vlpretrain.data.shards import read_records
@@ -111,7 +119,7 @@ def _tokenizer_stage(run_dir: Path, folder: Path, size: DemoSize) -> dict[str, A
     cfg = from_dict(TrainConfig, {
         "task": "lavit-tokenizer", "model_preset": "tiny", "out_dir": str(folder),
         "model": {"encoder": {"kind": "eva", "preset": "tiny", "path": str(run_dir / "encoder" / ENCODER_FILE)}},
-        "data": {"train": str(run_dir / "data" / "train"), "batch_size": 64, "num_workers": 1},
+        "data": {"train": _codec_train(run_dir, size), "batch_size": 64, "num_workers": 1},
         **TOKENIZER_RECIPE, "steps": size.tokenizer_steps,
     })  # fmt: skip
     train(cfg, resume=True)
@@ -124,7 +132,7 @@ def _detokenizer_stage(run_dir: Path, folder: Path, size: DemoSize) -> dict[str,
 
     _train_stage(folder, {
         "task": "lavit-detokenizer", "model_preset": "tiny-fold4", "model": {"tokenizer": str(run_dir / "tokenizer")},
-        "data": {"train": str(run_dir / "data" / "train"), "batch_size": 32, "num_workers": 1},
+        "data": {"train": _codec_train(run_dir, size), "batch_size": 32, "num_workers": 1},
         **DETOKENIZER_RECIPE, "steps": size.detokenizer_steps,
     })  # fmt: skip
     return reconstruction_eval(folder, run_dir / "data" / "test", run_dir / "judge", limit=size.eval_images,
