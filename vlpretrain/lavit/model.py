@@ -63,8 +63,8 @@ class LavitLMConfig:
             answers (ours, for the demo's VQA; docs/lm.md, "Several questions per image").
         text_ratio: text-only documents per image-text pair (2.0 = the maintainers' 2:1).
         caption_drop: probability that a ``[text, image]`` sample loses its text and becomes ``[IMG] codes [/IMG]``,
-            the unconditional context of classifier-free guidance (0 = the official, which never trains that
-            context; ours, as LlamaGen's caption dropout: docs/lm.md, "Training the unconditional context").
+            the unconditional context of classifier-free guidance (0 = none, as in the paper's data recipe; ours,
+            as LlamaGen's caption dropout; tried in docs/lm.md, "More images and cheaper steps").
         train_merger: fine-tune the understanding merger (the official does); False keeps the tokenizer's.
         train_vit_proj: train ``vit_proj`` (the official does); False keeps its random init, a map that preserves the
             merged tokens' geometry: trained, it shrank the colour directions until the demo LM could not read
