@@ -44,13 +44,18 @@ def _decode(task: LavitLMTask, prompts: list[list[int]], cfg: SamplingConfig, ba
     return call
 
 
-def _train_batch(task: LavitLMTask, batch_size: int) -> dict:
-    """A planned stage-2 batch (random images) whose packed rows :meth:`LavitLMTask.prepare` caches."""
+def _pairs(start: int, count: int) -> list[dict]:
+    """Training pairs ``start .. start + count - 1`` of the shapes world as :func:`plan_batch` reads them."""
     examples = []
-    for i in range(batch_size):
+    for i in range(start, start + count):
         ex = make_example(SynthConfig(), "train", i)
         examples.append({"caption": ex.caption, "qa": ex.qa, "key": ex.scene.key})
-    plans, docs = plan_batch(examples, task.encode_text, 0.25, 0.5, 0.25, seed=0)
+    return examples
+
+
+def _train_batch(task: LavitLMTask, batch_size: int) -> dict:
+    """A planned stage-2 batch (random images) whose packed rows :meth:`LavitLMTask.prepare` caches."""
+    plans, docs = plan_batch(_pairs(0, batch_size), task.encode_text, 0.25, 0.5, 0.25, seed=0)
     size = task.tokenizer.encoder.image_size
     batch = {"image": torch.rand(batch_size, 3, size, size), "plans": plans, "docs": docs}
     task.prepare(batch)
@@ -76,14 +81,9 @@ def _waste(task: LavitLMTask, batches: int, batch_size: int) -> tuple[float, flo
     """(packed, one-sample-per-row) padding fractions over ``batches`` planned batches of shapes-world pairs."""
     rng = random.Random(0)
     n = task.tokenizer.num_patches
-    synth = SynthConfig()
     packed_pad = packed_all = plain_pad = plain_all = 0
     for b in range(batches):
-        examples = []
-        for i in range(batch_size):
-            ex = make_example(synth, "train", b * batch_size + i)
-            examples.append({"caption": ex.caption, "qa": ex.qa, "key": ex.scene.key})
-        plans, docs = plan_batch(examples, task.encode_text, 0.5, 0.5, 2.0, seed=0)
+        plans, docs = plan_batch(_pairs(b * batch_size, batch_size), task.encode_text, 0.5, 0.5, 2.0, seed=0)
         lengths = [rng.randint(n // 6, n // 2) for _ in plans]
         codes = [[rng.randrange(task.vocab.codebook_size) for _ in range(k)] for k in lengths]
         samples = build_samples(task.vocab, plans, docs, lengths, codes, task.bos_id, task.eos_id)

@@ -65,7 +65,7 @@ class LMCollate:
     def __init__(self, text_tokenizer: Any, image_size: int, cfg: LavitLMConfig, seed: int) -> None:
         self.text_tokenizer, self.image_size, self.seed = text_tokenizer, image_size, seed
         self.ratios = (cfg.understand_ratio, cfg.qa_ratio, cfg.text_ratio)
-        self.qa_turns, self.caption_drop = cfg.qa_turns, cfg.caption_drop
+        self.options = {"qa_turns": cfg.qa_turns, "caption_drop": cfg.caption_drop}  # plan_batch's keywords
 
     def decode(self, sample: dict[str, Any]) -> dict[str, Any]:
         pair = decode_pair(sample, self.image_size)
@@ -78,9 +78,7 @@ class LMCollate:
         return list(self.text_tokenizer(text, add_special_tokens=False).input_ids)
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
-        drop = self.caption_drop
-        plans, docs = plan_batch(examples, self.tokenize, *self.ratios, seed=self.seed, qa_turns=self.qa_turns,
-                                 caption_drop=drop)  # fmt: skip
+        plans, docs = plan_batch(examples, self.tokenize, *self.ratios, seed=self.seed, **self.options)
         return {"image": torch.stack([ex["image"] for ex in examples]), "plans": plans, "docs": docs,
                 "key": [ex["key"] for ex in examples]}  # fmt: skip
 
