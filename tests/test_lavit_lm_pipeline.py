@@ -18,14 +18,16 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from vlpretrain.cli import main
 from vlpretrain.core.text_tokenizer import train_word_tokenizer
 from vlpretrain.data.judge import objects_from_record
+from vlpretrain.data.shards import read_records
 from vlpretrain.data.synthetic import SynthConfig, make_example
 from vlpretrain.errors import UserError
 from vlpretrain.eval.lm_quality import eval_text_to_image, eval_vqa, parse_caption, score_captions
 from vlpretrain.lavit.convert_lm import convert_lm
-from vlpretrain.lavit.generate import SamplingConfig
+from vlpretrain.lavit.generate import SamplingConfig, understanding_inputs
 from vlpretrain.lavit.lm_task import LavitLMTask, load_lm
 from vlpretrain.lavit.merger import TokenMerger
 from vlpretrain.lavit.pipeline import Pipeline
+from vlpretrain.lavit.rerank import CANDIDATE_SEED_STRIDE, caption_logprob
 from vlpretrain.train.pretrained import save_task
 
 SIDE = 32  # the micro detokenizer's images
@@ -87,6 +89,46 @@ def test_generate_with_a_detokenizer_gives_seeded_pixels(folders: SimpleNamespac
     assert torch.equal(out.images, again.images)
 
 
+def test_caption_logprob_matches_one_unpadded_row_per_image(folders: SimpleNamespace) -> None:
+    pipe = Pipeline.from_pretrained(folders.lm)
+    model = pipe.model
+    pixels = pipe.pixels([str(p) for p in folders.images])
+    texts = ["one object: a small red circle in the center.", "two objects", ""]
+    batched = caption_logprob(model, pixels, texts)
+    for b, text in enumerate(texts):  # naive: [IMG] v [/IMG] text </s> alone, full log-softmax, sum over the text
+        ids = model.encode_text(text) + [model.eos_id]
+        with torch.no_grad():
+            embeds, _, _ = understanding_inputs(model, pixels[b : b + 1], [ids])
+            logp = model.lm(inputs_embeds=embeds).logits[0].float().log_softmax(dim=-1)
+        want = sum(logp[len(embeds[0]) - len(ids) - 1 + i, t] for i, t in enumerate(ids))
+        assert batched[b].item() == pytest.approx(float(want), abs=1e-3)
+    assert torch.equal(pipe.caption_score(pixels, texts, batch_size=1), pipe.caption_score(pixels, texts))
+    with pytest.raises(ValueError, match="3 images but 2 texts"):
+        caption_logprob(model, pixels, texts[:2])
+
+
+def test_best_of_n_keeps_the_candidate_the_scorer_prefers(folders: SimpleNamespace) -> None:
+    pipe = Pipeline.from_pretrained(folders.lm, detokenizer=folders.detok)
+    sampling = SamplingConfig(min_tokens=2, max_tokens=6)
+    texts = ["two objects", "one object", "three objects"]
+    draws = [pipe.generate(texts, sampling=sampling, seed=5 + j * CANDIDATE_SEED_STRIDE) for j in range(3)]
+    brightness = lambda images, prompts: images.mean(dim=(1, 2, 3))  # noqa: E731
+    best = pipe.generate(texts, sampling=sampling, seed=5, candidates=3, scorer=brightness)
+    for b in range(len(texts)):
+        j = max(range(3), key=lambda j: brightness(draws[j].images, texts)[b].item())
+        assert torch.equal(best.images[b], draws[j].images[b])
+        assert best.codes[b].tolist() == draws[j].codes[b].tolist()
+        assert best.scores[b].item() == pytest.approx(brightness(draws[j].images, texts)[b].item())
+    assert draws[0].scores is None  # one candidate: the plain drawing, unscored
+    own = pipe.generate(texts, sampling=sampling, seed=5, candidates=2)  # the default scorer: the LM's caption score
+    scores = torch.stack([pipe.caption_score(d.images, texts) for d in draws[:2]])
+    assert torch.allclose(own.scores, scores.max(dim=0).values)
+    with pytest.raises(ValueError, match="candidates must be >= 1"):
+        pipe.generate(texts, candidates=0)
+    with pytest.raises(ValueError, match="needs pixels"):
+        Pipeline.from_pretrained(folders.lm).generate(texts, candidates=2)
+
+
 def test_commands(folders: SimpleNamespace, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     lm = str(folders.lm)
     main(["caption", *map(str, folders.images[:2]), "--checkpoint", lm, "--min-new-tokens", "2", "--max-new-tokens",
@@ -98,9 +140,10 @@ def test_commands(folders: SimpleNamespace, tmp_path: Path, capsys: pytest.Captu
     out = tmp_path / "gen"
     main(["generate", "one object: a small red circle.", "--out", str(out), "--seed", "4", "--num", "2",
           "--checkpoint", lm, "--detokenizer", str(folders.detok), "--max-tokens", "6",
-          "--image", str(folders.images[1])])  # fmt: skip
+          "--image", str(folders.images[1]), "--candidates", "2"])  # fmt: skip
     written = json.loads((out / "tokens.json").read_text())
     assert [r["seed"] for r in written] == [4, 5] and all(1 <= r["tokens"] <= 6 for r in written)
+    assert all(r["caption_logprob"] < 0 for r in written)  # best of 2 by the LM's caption score
     assert Image.open(out / "image_1.png").size == (SIDE, SIDE)
 
 
@@ -112,6 +155,30 @@ def test_eval_command_writes_metrics_and_samples(folders: SimpleNamespace, shape
     assert "t2i_prompt_match" not in metrics  # no judge: text-to-image is skipped
     samples = json.loads((tmp_path / "eval" / "samples.json").read_text())
     assert len(samples["captions"]) == 3 and samples["answers"]
+
+
+def test_eval_draws_best_of_n_and_scores_the_single_drawing_too(folders: SimpleNamespace, shapes_data: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    import vlpretrain.data.judge as judge_module
+    from vlpretrain.eval.lm_quality import run
+
+    seen = []
+
+    class Judge:  # sees one object in every drawing; records the pixels it was shown
+        def read(self, images):
+            seen.append(images.clone())
+            return [objects_from_record({"objects": [{"color": "red", "shape": "circle", "size": "small", "row": 0,
+                                                      "col": 0}], "grid": 3})] * len(images)  # fmt: skip
+
+    monkeypatch.setattr(judge_module, "load_judge", lambda path: Judge())
+    sampling = SamplingConfig(guidance_scale=1.5, top_k=300, min_tokens=2, max_tokens=6)
+    metrics = run(folders.lm, shapes_data / "test", "judge", folders.detok, limit=3, t2i_limit=2, seed=2,
+                  sampling=sampling, candidates=2)  # fmt: skip
+    pipe = Pipeline.from_pretrained(folders.lm, detokenizer=folders.detok)
+    prompts = [r["caption"] for r in read_records(str(shapes_data / "test"), limit=2)[1]]
+    assert torch.equal(seen[0], pipe.generate(prompts, sampling=sampling, seed=2, candidates=2).images)
+    assert torch.equal(seen[1], pipe.generate(prompts, sampling=sampling, seed=2).images)
+    assert {"t2i_prompt_match", "t2i_single_prompt_match", "t2i_single_tokens_mean"} <= set(metrics)
 
 
 def _error_line(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
@@ -127,6 +194,9 @@ def test_bad_input_gives_one_clear_line(folders: SimpleNamespace, tmp_path: Path
     lm = str(folders.lm)
     err = _error_line(["generate", " ".join(["red"] * 300), "--out", str(tmp_path / "o"), "--checkpoint", lm], capsys)
     assert "context" in err
+    err = _error_line(["generate", "red", "--out", str(tmp_path / "o"), "--checkpoint", lm, "--candidates", "2"],
+                      capsys)  # fmt: skip
+    assert err.startswith("error: --candidates") and "detokenizer" in err
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
     assert str(broken) in _error_line(["caption", str(broken), "--checkpoint", lm], capsys)
@@ -237,7 +307,7 @@ def test_vqa_and_text_to_image_scores() -> None:
             assert len(questions) == len(truth)
             return [answer.upper() + "." for answer in truth]
 
-        def generate(self, texts, sampling=None, seed=0, batch_size=16):
+        def generate(self, texts, sampling=None, seed=0, batch_size=16, candidates=1):
             return SimpleNamespace(codes=[torch.arange(5)] * len(texts), images=torch.zeros(len(texts), 3, 8, 8))
 
     metrics, rows = eval_vqa(Fake(), images, records)

@@ -86,6 +86,9 @@ def generate(
     min_tokens: int | None = typer.Option(None, min=0, help="Fewest visual tokens (default: 20 per 256 patches)."),
     max_tokens: int | None = typer.Option(None, min=1, help="Most visual tokens (default: 200 per 256 patches)."),
     steps: int | None = typer.Option(None, min=1, help="Detokenizer DDIM steps (default: its own)."),
+    candidates: int = typer.Option(
+        1, min=1, help="Drawings per image; the one the LM scores highest as a caption of it is kept (needs pixels)."
+    ),
 ) -> None:
     """Draw images from a prompt: visual tokens from the LM, then pixels from the detokenizer."""
     from vlpretrain.core.image import to_pil
@@ -101,7 +104,9 @@ def generate(
     sampling = _run(SamplingConfig, top_k, top_p, temperature, default if guidance is None else guidance, min_tokens,
                     max_tokens)  # fmt: skip
     images = [str(image) if image is not None else None] * num
-    result = _run(pipe.generate, [prompt] * num, images, sampling, seed, decoder_steps=steps)
+    if candidates > 1 and pipe.detokenizer is None:
+        raise UserError("--candidates: choosing among drawings needs a detokenizer (pass --detokenizer DIR)")
+    result = _run(pipe.generate, [prompt] * num, images, sampling, seed, decoder_steps=steps, candidates=candidates)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for i, codes in enumerate(result.codes):
@@ -110,6 +115,8 @@ def generate(
         if result.images is not None:
             to_pil(result.images[i]).save(out / f"image_{i}.png")
             row["output"] = f"image_{i}.png"
+        if result.scores is not None:
+            row["caption_logprob"] = round(float(result.scores[i]), 4)
         rows.append(row)
     (out / "tokens.json").write_text(json.dumps(rows, indent=2) + "\n")
     print(json.dumps([{k: v for k, v in r.items() if k != "codes"} for r in rows]))
@@ -126,13 +133,21 @@ def eval_lm(
     limit: int = typer.Option(200, min=1, help="Images for captioning and VQA."),
     t2i_limit: int = typer.Option(64, min=1, help="Captions drawn for the text-to-image score."),
     seed: int = typer.Option(0, help="Seed of the drawings."),
+    guidance: float = typer.Option(1.5, min=0.0, help="LM guidance of the drawings (the official evaluation's)."),
+    top_k: int = typer.Option(300, min=0, help="Top-k of the drawings (the official evaluation's; 0 = off)."),
+    candidates: int = typer.Option(4, min=1, help="Drawings per caption; the LM's best caption score is kept."),
     out: Path | None = typer.Option(None, help="Folder for metrics.json, samples.json, t2i.png (default: CHECKPOINT)."),
 ) -> None:
-    """Caption attribute F1, VQA accuracy and text-to-image judge agreement on held-out shapes-world images."""
+    """Caption attribute F1, VQA accuracy and text-to-image judge agreement on held-out shapes-world images.
+
+    Text-to-image follows the official evaluation (guidance 1.5, top-k 300, best of 4 drawings); with more than one
+    candidate the first drawing alone is scored too (t2i_single_*)."""
     from vlpretrain.eval.lm_quality import run
+    from vlpretrain.lavit.generate import SamplingConfig
 
     if judge is not None and not judge.exists():
         judge = None
+    sampling = _run(SamplingConfig, top_k=top_k, guidance_scale=guidance)
     metrics = _run(run, checkpoint, data / split, judge, detokenizer, limit, t2i_limit, seed,
-                   out if out is not None else checkpoint)  # fmt: skip
+                   out if out is not None else checkpoint, sampling, candidates)  # fmt: skip
     print(json.dumps(metrics, indent=2))

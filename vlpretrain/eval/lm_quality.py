@@ -10,6 +10,9 @@
 - :func:`eval_text_to_image`: each held-out caption is drawn (LM -> codes -> detokenizer) and the judge reads the
   picture; :func:`~vlpretrain.data.judge.prompt_match` against the record's objects (count, colour and shape
   multisets) gives ``t2i_prompt_match`` (bar >= 0.6), with ``t2i_count``/``t2i_colors``/``t2i_shapes``.
+  :func:`run` draws as the official text-to-image evaluation does (:data:`EVAL_SAMPLING`, :data:`EVAL_CANDIDATES`:
+  LLM guidance 1.5, top-k 300, the best of 4 drawings per prompt, kept there by CLIP score and here by the LM's own
+  caption score) and also reports the first drawing alone (``t2i_single_*``).
 
 Evaluators take a pipeline-like object (``caption``, ``ask``, ``generate`` as :class:`vlpretrain.lavit.pipeline.
 Pipeline`) and return ``{name: value}``; :func:`run` does everything from folders and writes sample outputs.
@@ -30,6 +33,9 @@ from vlpretrain.data.judge import attribute_match, objects_from_record
 from vlpretrain.data.synthetic import COLORS, NUMBER_WORDS, SHAPES, SIZES, position_name
 
 ATTRIBUTES = ("size", "color", "shape", "position")
+# The official text-to-image evaluation (LaVIT/evaluation/evaluate_text2img.py): LLM guidance 1.5, top-k 300,
+# top-p 1, temperature 1, four drawings per prompt and the best one kept.
+EVAL_GUIDANCE, EVAL_TOP_K, EVAL_CANDIDATES = 1.5, 300, 4
 _PLACES = ("top left", "top right", "bottom left", "bottom right", "top", "bottom", "left", "right", "center")
 _OBJECT = re.compile(
     rf"\b({'|'.join(SIZES)}) ({'|'.join(COLORS)}) ({'|'.join(SHAPES)})"
@@ -139,10 +145,13 @@ def judge_agreement(judge: Any, images_B3SS: Any, records: Sequence[dict[str, An
 
 
 def eval_text_to_image(pipe: Any, records: Sequence[dict[str, Any]], judge: Any, seed: int = 0,
-                       batch_size: int = 16, sampling: Any = None) -> tuple[dict[str, float], Any]:  # fmt: skip
+                       batch_size: int = 16, sampling: Any = None,
+                       candidates: int = 1) -> tuple[dict[str, float], Any]:  # fmt: skip
     """(judge agreement of images drawn from the records' captions, the images [B, 3, S, S]); ``sampling``: a
-    :class:`~vlpretrain.lavit.generate.SamplingConfig` (None: the pipeline's default)."""
-    result = pipe.generate([r["caption"] for r in records], sampling=sampling, seed=seed, batch_size=batch_size)
+    :class:`~vlpretrain.lavit.generate.SamplingConfig` (None: the pipeline's default); ``candidates``: drawings per
+    caption, the best by the pipeline's caption score kept."""
+    result = pipe.generate([r["caption"] for r in records], sampling=sampling, seed=seed, batch_size=batch_size,
+                           candidates=candidates)  # fmt: skip
     if result.images is None:
         raise ValueError("text-to-image evaluation needs a detokenizer (pass one to the pipeline)")
     metrics = {f"t2i_{k}": v for k, v in judge_agreement(judge, result.images, records).items()}
@@ -151,12 +160,21 @@ def eval_text_to_image(pipe: Any, records: Sequence[dict[str, Any]], judge: Any,
     return metrics, result.images
 
 
+def eval_sampling() -> Any:
+    """The official evaluation's :class:`~vlpretrain.lavit.generate.SamplingConfig` (guidance 1.5, top-k 300)."""
+    from vlpretrain.lavit.generate import SamplingConfig
+
+    return SamplingConfig(guidance_scale=EVAL_GUIDANCE, top_k=EVAL_TOP_K)
+
+
 def run(checkpoint: str | Path, data: str | Path, judge_dir: str | Path | None = None,
         detokenizer: str | Path | None = None, limit: int = 200, t2i_limit: int = 64, seed: int = 0,
-        out: str | Path | None = None) -> dict[str, float]:  # fmt: skip
+        out: str | Path | None = None, sampling: Any = None,
+        candidates: int = EVAL_CANDIDATES) -> dict[str, float]:  # fmt: skip
     """Every evaluation from folders: a ``lavit-lm`` checkpoint, held-out shards (e.g. ``runs/demo/data/test``), a
-    judge and a detokenizer (text-to-image is skipped without them). Writes ``samples.json`` (and ``t2i.png``, a
-    grid of the first 16 drawings) into ``out`` when given."""
+    judge and a detokenizer (text-to-image is skipped without them). Text-to-image draws with ``sampling`` (None:
+    :func:`eval_sampling`) and keeps the best of ``candidates``; with more than one, ``t2i_single_*`` scores the
+    first drawing alone. Writes ``samples.json`` (and ``t2i.png``, a grid of the first 16 drawings) into ``out``."""
     from vlpretrain.data.shards import read_records
     from vlpretrain.lavit.pipeline import Pipeline
 
@@ -169,8 +187,12 @@ def run(checkpoint: str | Path, data: str | Path, judge_dir: str | Path | None =
     if judge_dir is not None and pipe.detokenizer is not None:
         from vlpretrain.data.judge import load_judge
 
-        t2i, drawn = eval_text_to_image(pipe, records[:t2i_limit], load_judge(judge_dir), seed)
+        judge, prompts, sampling = load_judge(judge_dir), records[:t2i_limit], sampling or eval_sampling()
+        t2i, drawn = eval_text_to_image(pipe, prompts, judge, seed, sampling=sampling, candidates=candidates)
         metrics |= t2i
+        if candidates > 1:
+            single, _ = eval_text_to_image(pipe, prompts, judge, seed, sampling=sampling)
+            metrics |= {k.replace("t2i_", "t2i_single_"): v for k, v in single.items()}
     if out is not None:
         _write_samples(Path(out), records, captions, answers, drawn, metrics)
     return metrics

@@ -5,6 +5,7 @@
 >>> pipe.ask(["a.png"], ["what color is the circle?"])              # ["red"]
 >>> out = pipe.generate(["one object: a large blue square in the center."], seed=0)
 >>> out.codes, out.images                                           # [K_b] codes each; [B, 3, S, S] in [0, 1]
+>>> best = pipe.generate(prompts, candidates=4)                    # best of 4 drawings by the LM's caption score
 
 Images are decoded and resized like the tokenizer's input (:class:`vlpretrain.lavit.api.Tokenizer`). Generation is
 seeded per prompt (prompt i draws from ``seed + i``), so a prompt gives the same image whatever the batch size.
@@ -30,6 +31,7 @@ from vlpretrain.lavit.generate import (
     text_to_image_prompt,
 )
 from vlpretrain.lavit.lm_task import LavitLMTask, load_lm
+from vlpretrain.lavit.rerank import CANDIDATE_SEED_STRIDE, Scorer, caption_logprob, pick_best
 
 if TYPE_CHECKING:
     from vlpretrain.lavit.detokenizer_api import Detokenizer
@@ -39,10 +41,12 @@ MULTIMODAL_GUIDANCE = 5.0  # the official guidance for image + text prompts (4.0
 
 @dataclass
 class Generated:
-    """Generated images: ``codes`` ([K_b] visual codes each) and, with a detokenizer, ``images`` [B, 3, S, S]."""
+    """Generated images: ``codes`` ([K_b] visual codes each) and, with a detokenizer, ``images`` [B, 3, S, S];
+    ``scores`` [B]: the kept drawing's score when several candidates were drawn per prompt (else None)."""
 
     codes: list[Tensor]
     images: Tensor | None
+    scores: Tensor | None = None
 
 
 class Pipeline:
@@ -136,10 +140,44 @@ class Pipeline:
             out += generate_codes(self.model, chunk, cfg, gens).codes
         return out
 
+    def caption_score(self, images: Sequence[ImageLike] | Tensor, texts: Sequence[str], batch_size: int = 16) -> Tensor:
+        """[B] log-probability of each text as the caption of its image (the default best-of-N scorer)."""
+        pixels = images if isinstance(images, Tensor) else self.pixels(images)
+        if len(texts) != len(pixels):
+            raise ValueError(f"{len(pixels)} images but {len(texts)} texts")
+        chunks = [caption_logprob(self.model, pixels[s : s + batch_size], list(texts[s : s + batch_size]))
+                  for s in range(0, len(texts), batch_size)]  # fmt: skip
+        return torch.cat(chunks) if chunks else torch.zeros(0)
+
     def generate(self, texts: Sequence[str], images: Sequence[ImageLike | None] | None = None,
                  sampling: SamplingConfig | None = None, seed: int = 0, batch_size: int = 16,
-                 decoder_steps: int | None = None, decoder_guidance: float | None = None) -> Generated:  # fmt: skip
-        """Codes, and pixels when a detokenizer is loaded (its sampling seeded by ``seed`` too)."""
+                 decoder_steps: int | None = None, decoder_guidance: float | None = None, candidates: int = 1,
+                 scorer: Scorer | None = None) -> Generated:  # fmt: skip
+        """Codes, and pixels when a detokenizer is loaded (its sampling seeded by ``seed`` too).
+
+        ``candidates`` > 1 draws that many images per prompt (candidate j as a call seeded ``seed + j * 2**32``;
+        candidate 0 is the single drawing) and keeps the one ``scorer(images [B, 3, S, S], texts) -> [B]`` rates
+        highest, by default :meth:`caption_score` (the official evaluation keeps the best of 4 by CLIP score).
+        """
+        if candidates < 1:
+            raise ValueError(f"candidates must be >= 1, got {candidates}")
+        if candidates > 1 and self.detokenizer is None:
+            raise ValueError("choosing among several drawings needs pixels: load a detokenizer")
+        draws = [self._draw(texts, images, sampling, seed + j * CANDIDATE_SEED_STRIDE, batch_size, decoder_steps,
+                            decoder_guidance) for j in range(candidates)]  # fmt: skip
+        if candidates == 1:
+            return draws[0]
+        score = scorer or (lambda pixels, prompts: self.caption_score(pixels, prompts, batch_size))
+        scores_NB = torch.stack([score(d.images, list(texts)).float().cpu() for d in draws])
+        best = pick_best(scores_NB).tolist()
+        codes = [draws[j].codes[b] for b, j in enumerate(best)]
+        pixels = torch.stack([draws[j].images[b] for b, j in enumerate(best)])
+        return Generated(codes, pixels, scores_NB.max(dim=0).values)
+
+    def _draw(self, texts: Sequence[str], images: Sequence[ImageLike | None] | None, sampling: SamplingConfig | None,
+              seed: int, batch_size: int, decoder_steps: int | None,
+              decoder_guidance: float | None) -> Generated:  # fmt: skip
+        """One drawing per prompt."""
         codes = self.generate_codes(texts, images, sampling, seed, batch_size)
         if self.detokenizer is None:
             return Generated(codes, None)
