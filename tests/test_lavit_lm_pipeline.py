@@ -112,6 +112,7 @@ def test_best_of_n_keeps_the_candidate_the_scorer_prefers(folders: SimpleNamespa
     sampling = SamplingConfig(min_tokens=2, max_tokens=6)
     texts = ["two objects", "one object", "three objects"]
     draws = [pipe.generate(texts, sampling=sampling, seed=5 + j * CANDIDATE_SEED_STRIDE) for j in range(3)]
+    assert all(not torch.equal(draws[0].images[b], draws[j].images[b]) for j in (1, 2) for b in range(3))
     brightness = lambda images, prompts: images.mean(dim=(1, 2, 3))  # noqa: E731
     best = pipe.generate(texts, sampling=sampling, seed=5, candidates=3, scorer=brightness)
     for b in range(len(texts)):

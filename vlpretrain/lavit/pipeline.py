@@ -155,9 +155,10 @@ class Pipeline:
                  scorer: Scorer | None = None) -> Generated:  # fmt: skip
         """Codes, and pixels when a detokenizer is loaded (its sampling seeded by ``seed`` too).
 
-        ``candidates`` > 1 draws that many images per prompt (candidate j as a call seeded ``seed + j * 2**32``;
-        candidate 0 is the single drawing) and keeps the one ``scorer(images [B, 3, S, S], texts) -> [B]`` rates
-        highest, by default :meth:`caption_score` (the official evaluation keeps the best of 4 by CLIP score).
+        ``candidates`` > 1 draws that many images per prompt (candidate j as a call seeded ``seed + j *
+        CANDIDATE_SEED_STRIDE`` would, :mod:`vlpretrain.lavit.rerank`; candidate 0 is the single drawing) and keeps
+        the one ``scorer(images [B, 3, S, S], texts) -> [B]`` rates highest, by default :meth:`caption_score` (the
+        official evaluation keeps the best of 4 by CLIP score).
         """
         if candidates < 1:
             raise ValueError(f"candidates must be >= 1, got {candidates}")

@@ -20,7 +20,9 @@ from vlpretrain.lavit.generate import check_context, understanding_inputs
 from vlpretrain.lavit.model import LavitLM
 
 Scorer = Callable[[Tensor, list[str]], Tensor]
-CANDIDATE_SEED_STRIDE = 2**32  # candidate j of a call seeded s draws as a call seeded s + j * stride would
+# Candidate j of a call seeded s draws as a call seeded s + j * stride would (prompt i of it from s + j * stride + i:
+# distinct seeds for calls of fewer prompts than the stride; CPU generators keep only 32 bits of a seed).
+CANDIDATE_SEED_STRIDE = 1_000_003
 
 
 @torch.no_grad()
