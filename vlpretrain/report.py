@@ -253,7 +253,9 @@ def text_to_image_section(view: RunView) -> str:
             prompts = prompts[: (im.width // side) * (im.height // side)]
     listing = "".join(f"<li>{escape(p)}</li>" for p in prompts)
     text = f"<ol>{listing}</ol>" if prompts else note("prompts: samples.json lists none")
-    intro = "<p>Images drawn from test captions (row by row, 8 per row); the prompts in the same order:</p>"
+    intro = ("<p>Images drawn from test captions (row by row, 8 per row; each the best of the evaluation's drawings "
+             "of its caption, <code>t2i_single_*</code> above scores the first drawing alone); the prompts in the "
+             "same order:</p>")  # fmt: skip
     return intro + _img(grid, "images generated from test captions") + text
 
 
