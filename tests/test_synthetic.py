@@ -66,6 +66,20 @@ def test_caption_and_qa_match_the_record() -> None:
         assert answers["yesno"]["answer"] == ("yes" if present else "no")
 
 
+def test_yesno_pairs_add_the_other_answer_to_training_images_only() -> None:
+    paired = SynthConfig(yesno_pairs=True)
+    for i in range(100):
+        plain, ex = make_example(CFG, "train", i), make_example(paired, "train", i)
+        assert ex.caption == plain.caption and ex.qa[:-1] == plain.qa and np.array_equal(ex.image, plain.image)
+        yesno = [qa for qa in ex.qa if qa["type"] == "yesno"]
+        assert sorted(qa["answer"] for qa in yesno) == ["no", "yes"]
+        for qa in yesno:
+            words = qa["question"].rstrip("?").split()
+            present = any((o.color, o.shape) == (words[-2], words[-1]) for o in ex.scene.objects)
+            assert qa["answer"] == ("yes" if present else "no")
+        assert make_example(paired, "test", i).qa == make_example(CFG, "test", i).qa
+
+
 def test_variety_of_objects_and_backgrounds() -> None:
     exs = [make_example(CFG, "train", i) for i in range(300)]
     counts = {len(e.scene.objects) for e in exs}

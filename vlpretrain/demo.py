@@ -210,11 +210,12 @@ LM_RECIPE: dict[str, Any] = {
     "log": {"every": 10},
 }
 # The LM curriculum (docs/lm.md, "Curriculum"): stage 1 trains understanding only ([image, text] pairs, half of
-# them VQA with five questions each: the tiny preset's qa_ratio and qa_turns, docs/lm.md "Several questions per
-# image"; no text-only documents), stage 2 starts from it with both image orders and text-only documents, weighted
-# towards generation: 3/4 of the pairs [text, image] and one text-only document per four pairs (the paper's mixture
-# is 1/2 and 2:1; docs/lm.md "A generation-heavy stage 2"). vit_proj stays at its random init in both (docs/lm.md,
-# "Where the colour goes"); the code rows start from the codebook (the tiny preset's code_rows_init).
+# them VQA with six questions each: the tiny preset's qa_ratio and qa_turns, docs/lm.md "Several questions per
+# image" and "Yes and no about the same image"; no text-only documents), stage 2 starts from it with both image
+# orders and text-only documents, weighted towards generation: 3/4 of the pairs [text, image] and one text-only
+# document per four pairs (the paper's mixture is 1/2 and 2:1; docs/lm.md "A generation-heavy stage 2"). vit_proj
+# stays at its random init in both (docs/lm.md, "Where the colour goes"); the code rows start from the codebook
+# (the tiny preset's code_rows_init).
 LM_MODEL: dict[str, Any] = {"train_vit_proj": False}
 LM_UNDERSTAND: dict[str, Any] = {"understand_ratio": 1.0, "text_ratio": 0.0}
 LM_GENERATE: dict[str, Any] = {"understand_ratio": 0.25, "text_ratio": 0.25}

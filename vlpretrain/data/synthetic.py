@@ -74,6 +74,9 @@ class SynthConfig:
         held_out: "colour shape" pairs used by the compositional split.
         shard_size: samples per tar shard.
         seed: the data set seed.
+        yesno_pairs: training images get both a "yes" and a "no" question ("is there a ...?") instead of one; the
+            extra question comes last, after draws that leave every other field as without it. Val and test keep
+            one, so their question mix does not change.
     """
 
     image_size: int = 64
@@ -93,6 +96,7 @@ class SynthConfig:
     held_out: list[str] = field(default_factory=lambda: list(_DEFAULT_HELD_OUT))
     shard_size: int = 1000
     seed: int = 0
+    yesno_pairs: bool = False
 
     def __post_init__(self) -> None:
         if not 8 <= self.image_size <= 224:
@@ -134,8 +138,9 @@ def synth_tiny() -> SynthConfig:
 @register_preset("synth", "demo")
 def synth_demo() -> SynthConfig:
     """The data set of `vlpretrain demo`: 40,000 training pairs (about 15 s and 190 MB), so that the LM's
-    generation steps see most images once instead of memorising a few thousand (docs/lm.md, "More images")."""
-    return SynthConfig(num_train=40_000)
+    generation steps see most images once instead of memorising a few thousand (docs/lm.md, "More images"); each
+    training image has a "yes" and a "no" question (docs/lm.md, "Yes and no about the same image")."""
+    return SynthConfig(num_train=40_000, yesno_pairs=True)
 
 
 @register_preset("synth", "large")
@@ -320,8 +325,9 @@ def make_caption(scene: Scene, rng: random.Random) -> str:
     return text
 
 
-def make_qa(scene: Scene, rng: random.Random) -> list[dict[str, str]]:
-    """Question-answer pairs of five types; a type is left out when the scene makes its question ambiguous."""
+def make_qa(scene: Scene, rng: random.Random, yesno_pair: bool = False) -> list[dict[str, str]]:
+    """Question-answer pairs of five types; a type is left out when the scene makes its question ambiguous.
+    ``yesno_pair``: a second yes/no question, with the other answer, comes last."""
     objs = scene.objects
     qa = [{"type": "count", "question": "how many objects are there?", "answer": NUMBER_WORDS[len(objs)]}]
     by_shape = [o for o in objs if sum(p.shape == o.shape for p in objs) == 1]
@@ -337,15 +343,20 @@ def make_qa(scene: Scene, rng: random.Random) -> list[dict[str, str]]:
         o = rng.choice(unique)
         qa.append({"type": "position", "question": f"where is the {o.color} {o.shape}?",
                    "answer": position_name(o, scene.grid)})  # fmt: skip
-    present = {(o.color, o.shape) for o in objs}
-    if rng.random() < 0.5:
-        c, s = rng.choice(sorted(present))
-        answer = "yes"
-    else:
-        c, s = rng.choice(sorted({(c, s) for c in COLORS for s in SHAPES} - present))
-        answer = "no"
-    qa.append({"type": "yesno", "question": f"is there a {c} {s}?", "answer": answer})
+    present = rng.random() < 0.5
+    qa.append(_yesno(scene, rng, present))
+    if yesno_pair:
+        qa.append(_yesno(scene, rng, not present))
     return qa
+
+
+def _yesno(scene: Scene, rng: random.Random, present: bool) -> dict[str, str]:
+    """'is there a {colour} {shape}?' about a colour-shape pair the scene has (``present``) or lacks."""
+    pairs = {(o.color, o.shape) for o in scene.objects}
+    if not present:
+        pairs = {(c, s) for c in COLORS for s in SHAPES} - pairs
+    c, s = rng.choice(sorted(pairs))
+    return {"type": "yesno", "question": f"is there a {c} {s}?", "answer": "yes" if present else "no"}
 
 
 def make_example(cfg: SynthConfig, split: str, index: int, tag: str = "img", key: str | None = None) -> Example:
@@ -355,7 +366,8 @@ def make_example(cfg: SynthConfig, split: str, index: int, tag: str = "img", key
     rng = example_rng(cfg.seed, split, index, tag)
     scene = sample_scene(cfg, split, index, rng, key)
     image = render_scene(scene, rng, cfg.jitter)
-    return Example(image, scene, make_caption(scene, rng), make_qa(scene, rng))
+    caption = make_caption(scene, rng)  # before the questions: both draw from rng
+    return Example(image, scene, caption, make_qa(scene, rng, yesno_pair=cfg.yesno_pairs and split == "train"))
 
 
 def make_document(cfg: SynthConfig, split: str, index: int) -> tuple[dict[str, Any], list[tuple[str, bytes]]]:

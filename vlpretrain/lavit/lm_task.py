@@ -42,13 +42,15 @@ _SLOT_KEYS = ("slot_row", "slot_col", "slot_image", "slot_rank")
 @register_preset(TASK, "tiny")
 def lm_tiny() -> LavitLMConfig:
     """The demo: a 4-layer, 256-wide LLaMA (about 3.8M parameters) on the demo tokenizer; half the understanding
-    samples are VQA, so that the demo can answer questions, each asking five of its image's questions
-    (``qa_turns``: VQA 0.65-0.76 after the demo's stage 1 over four seeds, 0.60 with one; docs/lm.md). The code
+    samples are VQA, so that the demo can answer questions, each asking up to six of its image's questions (all of
+    them: the demo data's training images have five types plus a second yes/no question; ``qa_turns``: VQA
+    0.65-0.76 after the demo's stage 1 over four seeds, 0.60 with one; docs/lm.md "Several questions per image" and
+    "Yes and no about the same image"). The code
     rows start from the codebook (``code_rows_init``; ours: with the demo's generation-heavy stage 2, text-to-image
     0.08 -> 0.24-0.46, docs/lm.md "A generation-heavy stage 2")."""
     llm = LlamaSpec(hidden_size=256, intermediate_size=688, num_layers=4, num_heads=8, num_kv_heads=8,
                     max_positions=256)  # fmt: skip
-    return LavitLMConfig(llm=llm, max_len=256, qa_ratio=0.5, qa_turns=5, code_rows_init="codebook")
+    return LavitLMConfig(llm=llm, max_len=256, qa_ratio=0.5, qa_turns=6, code_rows_init="codebook")
 
 
 @register_preset(TASK, "paper")
