@@ -160,8 +160,11 @@ def test_eval_command_writes_metrics_and_samples(folders: SimpleNamespace, shape
 
 def test_eval_draws_best_of_n_and_scores_the_single_drawing_too(folders: SimpleNamespace, shapes_data: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    import inspect
+
     import vlpretrain.data.judge as judge_module
-    from vlpretrain.eval.lm_quality import run
+    from vlpretrain.cli.lavit_lm import eval_lm
+    from vlpretrain.eval.lm_quality import EVAL_CANDIDATES, EVAL_GUIDANCE, EVAL_TOP_K, run
 
     seen = []
 
@@ -180,6 +183,9 @@ def test_eval_draws_best_of_n_and_scores_the_single_drawing_too(folders: SimpleN
     assert torch.equal(seen[0], pipe.generate(prompts, sampling=sampling, seed=2, candidates=2).images)
     assert torch.equal(seen[1], pipe.generate(prompts, sampling=sampling, seed=2).images)
     assert {"t2i_prompt_match", "t2i_single_prompt_match", "t2i_single_tokens_mean"} <= set(metrics)
+    defaults = {k: p.default.default for k, p in inspect.signature(eval_lm).parameters.items()}  # typer.Option
+    assert (defaults["guidance"], defaults["top_k"], defaults["candidates"]) == (EVAL_GUIDANCE, EVAL_TOP_K,
+                                                                                 EVAL_CANDIDATES)  # fmt: skip
 
 
 def _error_line(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:

@@ -10,9 +10,9 @@
 - :func:`eval_text_to_image`: each held-out caption is drawn (LM -> codes -> detokenizer) and the judge reads the
   picture; :func:`~vlpretrain.data.judge.prompt_match` against the record's objects (count, colour and shape
   multisets) gives ``t2i_prompt_match`` (bar >= 0.6), with ``t2i_count``/``t2i_colors``/``t2i_shapes``.
-  :func:`run` draws as the official text-to-image evaluation does (:data:`EVAL_SAMPLING`, :data:`EVAL_CANDIDATES`:
-  LLM guidance 1.5, top-k 300, the best of 4 drawings per prompt, kept there by CLIP score and here by the LM's own
-  caption score) and also reports the first drawing alone (``t2i_single_*``).
+  :func:`run` draws as the official text-to-image evaluation does (``EVAL_GUIDANCE``, ``EVAL_TOP_K``,
+  ``EVAL_CANDIDATES``: LLM guidance 1.5, top-k 300, the best of 4 drawings per prompt, kept there by CLIP score and
+  here by the LM's own caption score) and also reports the first drawing alone (``t2i_single_*``).
 
 Evaluators take a pipeline-like object (``caption``, ``ask``, ``generate`` as :class:`vlpretrain.lavit.pipeline.
 Pipeline`) and return ``{name: value}``; :func:`run` does everything from folders and writes sample outputs.
