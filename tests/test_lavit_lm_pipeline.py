@@ -120,7 +120,9 @@ def test_best_of_n_keeps_the_candidate_the_scorer_prefers(folders: SimpleNamespa
         assert torch.equal(best.images[b], draws[j].images[b])
         assert best.codes[b].tolist() == draws[j].codes[b].tolist()
         assert best.scores[b].item() == pytest.approx(brightness(draws[j].images, texts)[b].item())
+    assert all(torch.equal(best.candidates[j].images, draws[j].images) for j in range(3))  # every drawing kept
     assert draws[0].scores is None  # one candidate: the plain drawing, unscored
+    assert draws[0].candidates == []
     own = pipe.generate(texts, sampling=sampling, seed=5, candidates=2)  # the default scorer: the LM's caption score
     scores = torch.stack([pipe.caption_score(d.images, texts) for d in draws[:2]])
     assert torch.allclose(own.scores, scores.max(dim=0).values)

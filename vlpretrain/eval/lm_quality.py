@@ -149,15 +149,24 @@ def eval_text_to_image(pipe: Any, records: Sequence[dict[str, Any]], judge: Any,
                        candidates: int = 1) -> tuple[dict[str, float], Any]:  # fmt: skip
     """(judge agreement of images drawn from the records' captions, the images [B, 3, S, S]); ``sampling``: a
     :class:`~vlpretrain.lavit.generate.SamplingConfig` (None: the pipeline's default); ``candidates``: drawings per
-    caption, the best by the pipeline's caption score kept."""
+    caption, the best by the pipeline's caption score kept; with more than one, ``t2i_single_*`` scores the first
+    drawing alone."""
     result = pipe.generate([r["caption"] for r in records], sampling=sampling, seed=seed, batch_size=batch_size,
                            candidates=candidates)  # fmt: skip
     if result.images is None:
         raise ValueError("text-to-image evaluation needs a detokenizer (pass one to the pipeline)")
-    metrics = {f"t2i_{k}": v for k, v in judge_agreement(judge, result.images, records).items()}
-    metrics["t2i_prompt_match"] = sum(metrics.values()) / 3
-    metrics["t2i_tokens_mean"] = sum(len(c) for c in result.codes) / max(len(records), 1)
+    metrics = _t2i_scores(judge, result, records, "t2i_")
+    if candidates > 1:
+        metrics |= _t2i_scores(judge, result.candidates[0], records, "t2i_single_")
     return metrics, result.images
+
+
+def _t2i_scores(judge: Any, drawn: Any, records: Sequence[dict[str, Any]], prefix: str) -> dict[str, float]:
+    """Judge agreement, its mean (``prompt_match``) and visual tokens per drawing of ``drawn`` (a ``Generated``)."""
+    metrics = {f"{prefix}{k}": v for k, v in judge_agreement(judge, drawn.images, records).items()}
+    metrics[f"{prefix}prompt_match"] = sum(metrics.values()) / 3
+    metrics[f"{prefix}tokens_mean"] = sum(len(c) for c in drawn.codes) / max(len(records), 1)
+    return metrics
 
 
 def eval_sampling() -> Any:
@@ -190,9 +199,6 @@ def run(checkpoint: str | Path, data: str | Path, judge_dir: str | Path | None =
         judge, prompts, sampling = load_judge(judge_dir), records[:t2i_limit], sampling or eval_sampling()
         t2i, drawn = eval_text_to_image(pipe, prompts, judge, seed, sampling=sampling, candidates=candidates)
         metrics |= t2i
-        if candidates > 1:
-            single, _ = eval_text_to_image(pipe, prompts, judge, seed, sampling=sampling)
-            metrics |= {k.replace("t2i_", "t2i_single_"): v for k, v in single.items()}
     if out is not None:
         _write_samples(Path(out), records, captions, answers, drawn, metrics)
     return metrics

@@ -14,7 +14,7 @@ seeded per prompt (prompt i draws from ``seed + i``), so a prompt gives the same
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -41,12 +41,14 @@ MULTIMODAL_GUIDANCE = 5.0  # the official guidance for image + text prompts (4.0
 
 @dataclass
 class Generated:
-    """Generated images: ``codes`` ([K_b] visual codes each) and, with a detokenizer, ``images`` [B, 3, S, S];
-    ``scores`` [B]: the kept drawing's score when several candidates were drawn per prompt (else None)."""
+    """Generated images: ``codes`` ([K_b] visual codes each) and, with a detokenizer, ``images`` [B, 3, S, S].
+    When several candidates were drawn per prompt: ``scores`` [B], the kept drawing's score, and ``candidates``, every
+    drawing (candidate j's codes and images for all prompts; candidate 0 is the single drawing)."""
 
     codes: list[Tensor]
     images: Tensor | None
     scores: Tensor | None = None
+    candidates: list[Generated] = field(default_factory=list)
 
 
 class Pipeline:
@@ -173,7 +175,7 @@ class Pipeline:
         best = pick_best(scores_NB).tolist()
         codes = [draws[j].codes[b] for b, j in enumerate(best)]
         pixels = torch.stack([draws[j].images[b] for b, j in enumerate(best)])
-        return Generated(codes, pixels, scores_NB.max(dim=0).values)
+        return Generated(codes, pixels, scores_NB.max(dim=0).values, draws)
 
     def _draw(self, texts: Sequence[str], images: Sequence[ImageLike | None] | None, sampling: SamplingConfig | None,
               seed: int, batch_size: int, decoder_steps: int | None,
