@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from vlpretrain.demo import SMOKE, STAGES, run_demo
+import pytest
+
+from vlpretrain.demo import FULL, SMOKE, STAGES, lm_stage_config, run_demo
 
 
 def test_demo_smoke_runs_every_stage_and_resumes(tmp_path: Path, capsys) -> None:
@@ -48,3 +50,20 @@ def test_demo_warns_when_the_cpu_is_already_busy(monkeypatch) -> None:
         with demo.console.capture() as captured:
             demo.warn_if_cores_busy()
         assert (expected in captured.get()) and (bool(captured.get()) == bool(expected)), (load, captured.get())
+
+
+@pytest.mark.parametrize(
+    ("yaml_name", "generate"), [("lavit_lm_understand_tiny.yaml", False), ("lavit_lm_tiny.yaml", True)]
+)
+def test_lm_config_files_hold_the_demo_lm_recipe(yaml_name: str, generate: bool) -> None:
+    from vlpretrain.configs import load_yaml
+
+    run_dir = Path("runs/demo")
+    demo = lm_stage_config(run_dir, run_dir / "lm", FULL, generate=generate)
+    config = load_yaml(Path(__file__).parents[1] / "configs" / yaml_name)
+    for key in ("task", "model_preset", "steps", "optim", "schedule"):
+        assert config[key] == demo[key], key
+    assert config["data"]["batch_size"] == demo["data"]["batch_size"]
+    model = {k: v for k, v in demo["model"].items() if k != "init"}
+    assert {k: config["model"][k] for k in model} == model
+    assert ("init" in config["model"]) == generate

@@ -40,10 +40,10 @@ class DemoSize:
     tokenizer_steps: int = 1000  # with the ratio multiplier; 500 steps left the selector unsettled (docs/lavit.md)
     detokenizer_steps: int = 1600  # tiny-fold4: judge agreement 0.75 at about the cost of 600 steps of tiny (0.61)
     lm_understand_steps: int = 450  # stage 1 of the LM: [image, text] samples only (docs/lm.md, "Curriculum")
-    lm_steps: int = 1500  # stage 2: 3/4 of the pairs [text, image] (docs/lm.md, "A generation-heavy stage 2")
+    lm_steps: int = 1500  # stage 2: 85 % of the pairs [text, image] (docs/lm.md, "A generation-heavy stage 2")
     codec_shards: int = 5  # the tokenizer and detokenizer train on the first 5 shards (5,000 pairs, as measured)
     eval_images: int = 200  # test images of the detokenizer and LM evaluations
-    t2i_prompts: int = 64
+    t2i_prompts: int = 200  # the first 64 alone moved by up to 0.07 between draw seeds (docs/lm.md)
 
 
 FULL = DemoSize()
@@ -139,19 +139,23 @@ def _detokenizer_stage(run_dir: Path, folder: Path, size: DemoSize) -> dict[str,
                                grid=folder / "reconstructions.png")  # fmt: skip
 
 
-def _lm_config(run_dir: Path, folder: Path, steps: int, **model: Any) -> dict[str, Any]:
-    """A ``lavit-lm`` run of the demo LM recipe on the demo's data; ``model`` adds model fields."""
+def lm_stage_config(run_dir: Path, folder: Path, size: DemoSize, generate: bool) -> dict[str, Any]:
+    """The ``lavit-lm`` run of LM stage 1 (understanding) or, with ``generate``, stage 2 (the mixture, from stage 1's
+    weights in ``run_dir / "lm_understand"``) on the demo's data, trained into ``folder``."""
+    model = {**LM_MODEL, **(LM_GENERATE if generate else LM_UNDERSTAND)}
+    if generate:
+        model["init"] = str(run_dir / "lm_understand")
     return {
         "task": "lavit-lm", "model_preset": "tiny",
-        "model": {"tokenizer": str(run_dir / "tokenizer"), "detokenizer": str(run_dir / "detokenizer"),
-                  **LM_MODEL, **model},
+        "model": {"tokenizer": str(run_dir / "tokenizer"), "detokenizer": str(run_dir / "detokenizer"), **model},
         "data": {"train": str(run_dir / "data" / "train"), "batch_size": 32, "num_workers": 1},
-        **LM_RECIPE, "steps": steps, "out_dir": str(folder),
+        **LM_RECIPE, "optim": {**LM_RECIPE["optim"], **(LM_GENERATE_LR if generate else {})},
+        "steps": size.lm_steps if generate else size.lm_understand_steps, "out_dir": str(folder),
     }  # fmt: skip
 
 
 def _lm_understand_stage(run_dir: Path, folder: Path, size: DemoSize) -> dict[str, Any]:
-    _train_stage(folder, _lm_config(run_dir, folder, size.lm_understand_steps, **LM_UNDERSTAND))
+    _train_stage(folder, lm_stage_config(run_dir, folder, size, generate=False))
     last = json.loads((folder / "metrics.jsonl").read_text().splitlines()[-1])
     return {"steps": last["step"], "ce_understand": round(last["ce_understand"], 4)}
 
@@ -159,7 +163,7 @@ def _lm_understand_stage(run_dir: Path, folder: Path, size: DemoSize) -> dict[st
 def _lm_stage(run_dir: Path, folder: Path, size: DemoSize) -> dict[str, Any]:
     from vlpretrain.eval.lm_quality import run as lm_eval
 
-    _train_stage(folder, _lm_config(run_dir, folder, size.lm_steps, init=str(run_dir / "lm_understand"), **LM_GENERATE))
+    _train_stage(folder, lm_stage_config(run_dir, folder, size, generate=True))
     return lm_eval(folder, run_dir / "data" / "test", run_dir / "judge", detokenizer=run_dir / "detokenizer",
                    limit=size.eval_images, t2i_limit=size.t2i_prompts, out=folder / "eval")  # fmt: skip
 
@@ -212,13 +216,18 @@ LM_RECIPE: dict[str, Any] = {
 # The LM curriculum (docs/lm.md, "Curriculum"): stage 1 trains understanding only ([image, text] pairs, half of
 # them VQA with six questions each: the tiny preset's qa_ratio and qa_turns, docs/lm.md "Several questions per
 # image" and "Yes and no about the same image"; no text-only documents), stage 2 starts from it with both image
-# orders and text-only documents, weighted towards generation: 3/4 of the pairs [text, image] and one text-only
-# document per four pairs (the paper's mixture is 1/2 and 2:1; docs/lm.md "A generation-heavy stage 2"). vit_proj
+# orders and text-only documents, weighted towards generation: 85 % of the pairs [text, image] and one text-only
+# document per four pairs (the paper's mixture is 1/2 and 2:1; docs/lm.md "A generation-heavy stage 2" and
+# "Stage 2: a lower learning rate, fewer understanding samples"). vit_proj
 # stays at its random init in both (docs/lm.md, "Where the colour goes"); the code rows start from the codebook
 # (the tiny preset's code_rows_init).
 LM_MODEL: dict[str, Any] = {"train_vit_proj": False}
 LM_UNDERSTAND: dict[str, Any] = {"understand_ratio": 1.0, "text_ratio": 0.0}
-LM_GENERATE: dict[str, Any] = {"understand_ratio": 0.25, "text_ratio": 0.25}
+LM_GENERATE: dict[str, Any] = {"understand_ratio": 0.15, "text_ratio": 0.25}
+# Stage 2's peak learning rates (LLM, the visual part 1.5x): it learns its codes faster at 1.4e-3 than at the
+# recipe's 2e-3, which stage 1 keeps (three data orders; docs/lm.md, "Stage 2: a lower learning rate, fewer
+# understanding samples").
+LM_GENERATE_LR: dict[str, Any] = {"lr": 1.4e-3, "lr_groups": {"visual.": 2.1e-3}}
 ENCODER_FILE = "vit.safetensors"
 
 STAGES = [

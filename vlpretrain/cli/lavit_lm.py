@@ -131,7 +131,7 @@ def eval_lm(
     judge: Path | None = typer.Option(Path("runs/demo/judge"), help="The shapes-world judge (text-to-image)."),
     detokenizer: Path | None = typer.Option(None, help="A lavit-detokenizer folder (default: the recorded one)."),
     limit: int = typer.Option(200, min=1, help="Images for captioning and VQA."),
-    t2i_limit: int = typer.Option(64, min=1, help="Captions drawn for the text-to-image score."),
+    t2i_limit: int = typer.Option(200, min=1, help="Captions drawn for the text-to-image score."),
     seed: int = typer.Option(0, help="Seed of the drawings."),
     guidance: float = typer.Option(1.5, min=0.0, help="LM guidance of the drawings (the official evaluation's)."),
     top_k: int = typer.Option(300, min=0, help="Top-k of the drawings (the official evaluation's; 0 = off)."),

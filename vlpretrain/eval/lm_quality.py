@@ -177,7 +177,7 @@ def eval_sampling() -> Any:
 
 
 def run(checkpoint: str | Path, data: str | Path, judge_dir: str | Path | None = None,
-        detokenizer: str | Path | None = None, limit: int = 200, t2i_limit: int = 64, seed: int = 0,
+        detokenizer: str | Path | None = None, limit: int = 200, t2i_limit: int = 200, seed: int = 0,
         out: str | Path | None = None, sampling: Any = None,
         candidates: int = EVAL_CANDIDATES) -> dict[str, float]:  # fmt: skip
     """Every evaluation from folders: a ``lavit-lm`` checkpoint, held-out shards (e.g. ``runs/demo/data/test``), a
